@@ -1,0 +1,3 @@
+"""shardtune: fine-tune Hugging Face language models across processes and nodes."""
+
+__version__ = "0.1.0"

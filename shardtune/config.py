@@ -1,0 +1,259 @@
+"""Typed run configuration: YAML file + dotted CLI overrides -> validated ``RunConfig``.
+
+Why pydantic v2 rather than dataclasses: we need strict unknown-key rejection
+(``extra="forbid"``), coercion of CLI strings into ints/floats/bools/lists, cross-field
+checks, and error locations as key paths. Pydantic gives all four, and its error objects
+carry the exact ``loc`` we turn into ``train.lr``-style paths with a "did you mean" hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the file and key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = "run"
+    output_dir: str = "runs/${run.name}"
+    seed: int = 1234
+
+
+class ModelSection(_Section):
+    # Either a local directory / hub id loaded with from_pretrained ...
+    name_or_path: str | None = None
+    # ... or a transformers config (``model_type`` plus its kwargs) for a randomly initialised model.
+    config: dict[str, Any] | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str = "sdpa"
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of model.name_or_path or model.config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a 'model_type' key (e.g. llama)")
+        return self
+
+
+class TokenizerSection(_Section):
+    # A local directory / hub id; None means "train a byte-level BPE on the run's text".
+    name_or_path: str | None = None
+    vocab_size: int = Field(2048, ge=260)
+
+
+class SyntheticDataSection(_Section):
+    num_records: int = Field(4000, ge=8)
+
+
+class DataSection(_Section):
+    # ``synthetic`` generates the built-in task (no files needed); ``jsonl`` reads
+    # prompt/completion or text records from ``path``.
+    source: Literal["synthetic", "jsonl"] = "synthetic"
+    path: str | None = None
+    seq_len: int = Field(256, ge=8)
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    synthetic: SyntheticDataSection = SyntheticDataSection()
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> DataSection:
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.source=jsonl needs data.path")
+        return self
+
+
+class TrainSection(_Section):
+    micro_batch_size: int = Field(4, ge=1)
+    # Sequences per optimizer step across all ranks. Fixed in the config so the same
+    # config gives the same optimisation at any world size; accumulation is derived.
+    global_batch_size: int = Field(8, ge=1)
+    max_steps: int | None = Field(100, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    # Stop anyway after this many consecutive skipped steps: a run that only skips is broken.
+    max_consecutive_nonfinite: int = Field(10, ge=1)
+    eval_batches: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSection:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class FSDPSection(_Section):
+    reshard_after_forward: bool = True
+
+
+class DistributedSection(_Section):
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
+    # auto = bf16 on CUDA, fp32 on CPU (bf16 without AMX is ~2x slower than fp32 there).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    init_timeout_s: float = Field(1800.0, gt=0)
+    collective_timeout_s: float = Field(600.0, gt=0)
+    fsdp: FSDPSection = FSDPSection()
+    # Raw DeepSpeed keys merged over the generated config (zero strategies only).
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _deepspeed_only_for_zero(self) -> DistributedSection:
+        if self.deepspeed and not self.strategy.startswith("zero"):
+            raise ValueError(
+                f"distributed.deepspeed is only used by zero1/zero2/zero3, not {self.strategy!r}"
+            )
+        return self
+
+
+class MetricsSection(_Section):
+    log_every: int = Field(1, ge=1)
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # Peak dense FLOP/s per rank for MFU; None = measured (CPU) or looked up (known GPUs).
+    peak_tflops_per_rank: float | None = Field(None, gt=0)
+
+
+class RunConfig(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection
+    tokenizer: TokenizerSection = TokenizerSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    distributed: DistributedSection = DistributedSection()
+    metrics: MetricsSection = MetricsSection()
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir.replace("${run.name}", self.run.name))
+
+
+# --------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_valid_keys(annotation, path + "."))
+    return keys
+
+
+def nearest_key(path: str) -> str | None:
+    candidates = _valid_keys(RunConfig)
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    siblings = [k for k in candidates if k.rsplit(".", 1)[0] == parent] if parent else candidates
+    for pool in (siblings, candidates):
+        match = difflib.get_close_matches(path, pool, n=1, cutoff=0.6)
+        if match:
+            return match[0]
+    return None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            hint = nearest_key(path)
+            lines.append(
+                f"  unknown key '{path}'" + (f" (did you mean '{hint}'?)" if hint else "")
+            )
+        elif e["type"] == "missing":
+            lines.append(f"  missing required key '{path}'")
+        else:
+            where = f"'{path}'" if path else "(top level)"
+            got = e.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {where}: {e['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    # YAML scalars give the type coercion users expect: 3e-4, true, null, [1, 2].
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                prefix = ".".join(path[: depth + 1])
+                raise ConfigError(f"override {text!r}: '{prefix}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML config (or the embedded demo default when ``path`` is None)."""
+    if path is None:
+        path = default_config_path()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from None
+
+
+def default_config_path() -> Path:
+    """The embedded default: the CPU demo shipped inside the package."""
+    return Path(__file__).parent / "configs" / "demo-cpu.yaml"
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,100 @@
+"""In-memory corpora for the training core: records -> tokenized train/validation corpora.
+
+Records are prompt/completion pairs (loss on the completion only) or plain text. The split
+is decided by a hash of each record's content, so adding records never moves existing ones
+between train and validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardtune.config import DataSection
+from shardtune.data.packing import PackedEpoch, TokenizedCorpus
+from shardtune.data.synthetic import generate_records
+
+
+class DataError(ValueError):
+    """A bad input record; the message names the file and line."""
+
+
+def read_jsonl_records(path: str | Path) -> list[dict[str, str]]:
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise DataError(f"{path}:{lineno}: not a valid UTF-8 JSON line ({exc})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            has_pair = isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)
+            if not has_pair and not isinstance(record.get("text"), str):
+                raise DataError(
+                    f"{path}:{lineno}: needs string fields 'prompt' and 'completion', or 'text'"
+                )
+            records.append(record)
+    return records
+
+
+def record_text(record: dict[str, str]) -> str:
+    if "text" in record and "prompt" not in record:
+        return record["text"]
+    return record["prompt"] + "\n" + record["completion"]
+
+
+def in_validation(record: dict[str, str], fraction: float) -> bool:
+    digest = hashlib.blake2b(record_text(record).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def tokenize_records(records: list[dict[str, str]], tokenizer) -> TokenizedCorpus:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompts = [r["prompt"] + "\n" if "prompt" in r else "" for r in records]
+    bodies = [r["completion"] if "prompt" in r else r["text"] for r in records]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    body_ids = tokenizer(bodies, add_special_tokens=False)["input_ids"]
+    docs, prompt_lengths = [], []
+    for p, b in zip(prompt_ids, body_ids):
+        docs.append(bos + p + b + eos)
+        prompt_lengths.append(len(bos) + len(p))
+    return TokenizedCorpus.from_documents(docs, prompt_lengths, vocab_size=len(tokenizer))
+
+
+@dataclass
+class InMemorySource:
+    """A ``SequenceSource`` over a tokenized corpus held in memory."""
+
+    corpus: TokenizedCorpus
+    seq_len: int
+    seed: int
+
+    def epoch(self, epoch: int) -> PackedEpoch:
+        return PackedEpoch(self.corpus, self.seq_len, self.seed, epoch)
+
+
+def load_records(cfg: DataSection, seed: int) -> list[dict[str, str]]:
+    if cfg.source == "synthetic":
+        return generate_records(cfg.synthetic.num_records, seed)
+    return read_jsonl_records(cfg.path)
+
+
+def build_sources(cfg: DataSection, tokenizer, seed: int) -> tuple[InMemorySource, InMemorySource]:
+    records = load_records(cfg, seed)
+    train = [r for r in records if not in_validation(r, cfg.validation_fraction)]
+    val = [r for r in records if in_validation(r, cfg.validation_fraction)]
+    if not train:
+        raise DataError("no training records left after the validation split")
+    train_src = InMemorySource(tokenize_records(train, tokenizer), cfg.seq_len, seed)
+    # Validation order is fixed (epoch 0), so every evaluation sees the same sequences.
+    val_src = InMemorySource(tokenize_records(val or train[:1], tokenizer), cfg.seq_len, seed)
+    return train_src, val_src

@@ -1,0 +1,88 @@
+"""The one interface the training loop sees; each strategy owns how a model is sharded.
+
+Losses handed to ``backward`` are already normalised by the global number of loss tokens
+in the step and multiplied by the world size, because every strategy averages gradients
+over data-parallel ranks. The result is the gradient of the global token-mean loss,
+independent of how the step's sequences are split across ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from shardtune.config import RunConfig
+from shardtune.distributed.process_group import DistContext
+
+
+@dataclass
+class StepOutcome:
+    grad_norm: float
+    applied: bool
+
+
+class Strategy(ABC):
+    name: str
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.bf16 = resolve_bf16(cfg, ctx)
+        self.model: torch.nn.Module | None = None  # what the loop calls forward on
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    @abstractmethod
+    def setup(self, model: torch.nn.Module, total_steps: int) -> None:
+        """Shard ``model`` and build its optimizer and scheduler."""
+
+    def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward+backward; skips gradient sync before the last."""
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None: ...
+
+    @abstractmethod
+    def step(self, max_grad_norm: float | None, skip: bool) -> StepOutcome:
+        """Clip, then update (unless ``skip``), advance the schedule and clear gradients."""
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def resolve_bf16(cfg: RunConfig, ctx: DistContext) -> bool:
+    precision = cfg.distributed.precision
+    if precision == "auto":
+        return ctx.device.type == "cuda"
+    return precision == "bf16"
+
+
+def torch_clip_and_step(strategy: Strategy, params, max_grad_norm: float | None, skip: bool) -> StepOutcome:
+    """Shared by DDP and FSDP2: both leave plain (or DTensor) gradients on the parameters."""
+    params = [p for p in params if p.grad is not None]
+    limit = max_grad_norm if max_grad_norm is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor; the reduction is already global
+        norm = norm.full_tensor()
+    norm = float(norm)
+    finite = norm == norm and norm != float("inf")
+    applied = not skip and finite
+    if applied:
+        strategy.optimizer.step()
+    strategy.optimizer.zero_grad(set_to_none=True)
+    strategy.scheduler.step()
+    return StepOutcome(grad_norm=norm, applied=applied)

@@ -1,0 +1,41 @@
+"""DistributedDataParallel: a full replica per rank, gradients all-reduced in buckets."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from shardtune.distributed.strategies.base import Strategy, StepOutcome, torch_clip_and_step
+from shardtune.train.optim import build_optimizer, build_scheduler
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(self, model: torch.nn.Module, total_steps: int) -> None:
+        model.to(self.ctx.device)
+        self._module = model
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        self.model = DistributedDataParallel(model, device_ids=device_ids)
+        self.optimizer = build_optimizer(model, self.cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self._module
+
+    def micro_step(self, is_last: bool):
+        return contextlib.nullcontext() if is_last else self.model.no_sync()
+
+    def autocast(self):
+        if self.bf16:
+            return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        loss.backward()
+
+    def step(self, max_grad_norm: float | None, skip: bool) -> StepOutcome:
+        return torch_clip_and_step(self, self._module.parameters(), max_grad_norm, skip)

@@ -1,0 +1,110 @@
+"""DeepSpeed ZeRO stages 1-3 through ``deepspeed.initialize``.
+
+The DeepSpeed config is generated from ours so batch sizes, clipping and precision cannot
+disagree between the two; ``distributed.deepspeed`` holds raw keys merged on top for
+anything we do not model (bucket sizes, offload, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+
+from shardtune.config import RunConfig
+from shardtune.distributed.strategies.base import Strategy, StepOutcome
+from shardtune.train.optim import build_optimizer, build_scheduler
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, stage: int, bf16: bool, on_gpu: bool) -> dict[str, Any]:
+    train = cfg.train
+    accum = train.global_batch_size // (train.micro_batch_size * world_size)
+    generated: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": train.max_grad_norm or 0.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": on_gpu,
+            "contiguous_gradients": True,
+        },
+        # Our optimizer is torch AdamW with decay/no-decay groups; DeepSpeed only wraps it.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if stage == 3:
+        generated["zero_optimization"].update(
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    return deep_merge(generated, cfg.distributed.deepspeed)
+
+
+class ZeroStrategy(Strategy):
+    def __init__(self, cfg: RunConfig, ctx, stage: int):
+        super().__init__(cfg, ctx)
+        self.stage = stage
+        self.name = f"zero{stage}"
+        if ctx.device.type == "cpu":
+            # Must be set before deepspeed is first imported, or it probes for CUDA.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.ds_config = deepspeed_config(
+            cfg, ctx.world_size, stage, self.bf16, on_gpu=ctx.device.type == "cuda"
+        )
+
+    def setup(self, model: torch.nn.Module, total_steps: int) -> None:
+        import deepspeed
+
+        model.to(self.ctx.device)
+        optimizer = build_optimizer(model, self.cfg.train)
+        # The scheduler wraps the client optimizer; DeepSpeed's ZeRO optimizers read the
+        # learning rate from those same param_groups at every step.
+        self.scheduler = build_scheduler(optimizer, self.cfg.train, total_steps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
+        self._client_optimizer = optimizer
+        self.model = self.engine
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def current_lr(self) -> float:
+        return float(self._client_optimizer.param_groups[0]["lr"])
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        # The loop already divided by the step's token count: no second scaling by GAS.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not is_last:
+            self.engine.step()  # advances DeepSpeed's micro-step counter; no update yet
+
+    def step(self, max_grad_norm: float | None, skip: bool) -> StepOutcome:
+        # DeepSpeed clips with ``gradient_clipping`` and skips the update by itself when the
+        # global gradient norm is not finite, agreed across ranks with an all-reduce. A
+        # non-finite loss poisons its rank's gradients, and through the reduction everyone's.
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        applied = bool(self.engine.was_step_applied())
+        if skip and applied:
+            raise RuntimeError(
+                "DeepSpeed applied an update although the step's loss was not finite "
+                "(its gradients were finite, so the engine saw nothing to skip)"
+            )
+        self.scheduler.step()
+        return StepOutcome(grad_norm=norm, applied=applied)

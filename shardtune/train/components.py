@@ -1,0 +1,91 @@
+"""Assemble a run's parts from its config: tokenizer, data, model, strategy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shardtune.config import RunConfig
+from shardtune.data.corpus import InMemorySource, build_sources, load_records, record_text
+from shardtune.data.loader import GlobalBatchLoader
+from shardtune.distributed.process_group import DistContext, seed_everything
+from shardtune.distributed.strategies import Strategy, build_strategy
+from shardtune.train.model import build_model, count_parameters, load_tokenizer, train_tokenizer
+
+
+@dataclass
+class RunParts:
+    tokenizer: object
+    train_source: InMemorySource
+    val_source: InMemorySource
+    loader: GlobalBatchLoader
+    strategy: Strategy
+    total_steps: int
+    num_params: int
+    model_config: object
+
+
+def prepare_tokenizer(cfg: RunConfig, ctx: DistContext):
+    if cfg.tokenizer.name_or_path:
+        return load_tokenizer(cfg.tokenizer, cfg.model.trust_remote_code)
+    saved = cfg.output_dir / "tokenizer"
+    if ctx.is_main:
+        texts = (record_text(r) for r in load_records(cfg.data, cfg.run.seed))
+        train_tokenizer(texts, cfg.tokenizer.vocab_size, saved)
+    # Rank 0 trains once and the rest load the saved files, so every rank has the same vocabulary.
+    dist.barrier()
+    return load_tokenizer(cfg.tokenizer, cfg.model.trust_remote_code, saved_dir=saved)
+
+
+def total_optimizer_steps(cfg: RunConfig, loader: GlobalBatchLoader) -> int:
+    if cfg.train.epochs is None:
+        return cfg.train.max_steps
+    by_epochs = math.floor(cfg.train.epochs * loader.steps_per_epoch())
+    steps = by_epochs if cfg.train.max_steps is None else min(by_epochs, cfg.train.max_steps)
+    if steps < 1:
+        raise ValueError(
+            f"train.epochs={cfg.train.epochs} is less than one step "
+            f"({loader.steps_per_epoch()} steps per epoch)"
+        )
+    return steps
+
+
+def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = prepare_tokenizer(cfg, ctx)
+    train_source, val_source = build_sources(cfg.data, tokenizer, cfg.run.seed)
+    loader = GlobalBatchLoader(
+        train_source,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        max_epochs=cfg.train.epochs,
+    )
+    total_steps = total_optimizer_steps(cfg, loader)
+    strategy = build_strategy(cfg, ctx)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, tokenizer)
+    num_params, _ = count_parameters(model)  # before sharding hides the full shapes
+    model_config = model.config
+    strategy.setup(model, total_steps)
+    seed_everything(cfg.run.seed, ctx.rank)
+    return RunParts(
+        tokenizer=tokenizer,
+        train_source=train_source,
+        val_source=val_source,
+        loader=loader,
+        strategy=strategy,
+        total_steps=total_steps,
+        num_params=num_params,
+        model_config=model_config,
+    )
+
+
+def tensorboard_hint(log_dir: Path) -> str:
+    return f"tensorboard --logdir {log_dir}"

@@ -1,0 +1,123 @@
+"""Rank-zero metrics: TensorBoard scalars, a JSONL file, the progress bar, FLOP accounting.
+
+Only rank 0 constructs a writer; other ranks get a logger whose calls do nothing, so the
+loop has no ``if rank == 0`` branches.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 peak per GPU (FLOP/s) for MFU on known accelerators.
+_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def flops_per_token(model_config, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls plus the attention score/value matmuls.
+
+    The input embedding is a lookup, not a matmul, so its parameters are excluded from N.
+    """
+    hidden = getattr(model_config, "hidden_size", 0)
+    layers = getattr(model_config, "num_hidden_layers", 0)
+    vocab = getattr(model_config, "vocab_size", 0)
+    dense = num_params - vocab * hidden
+    return 6.0 * dense + 12.0 * layers * hidden * seq_len
+
+
+def measure_cpu_matmul_flops(seconds: float = 0.4, size: int = 512) -> float:
+    """This process's fp32 matmul rate with its current thread count (FLOP/s)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2.0 * size**3 * count / (time.perf_counter() - start)
+
+
+def peak_flops_per_rank(device: torch.device, override_tflops: float | None) -> float:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_PEAK_BF16.items():
+            if key in name:
+                return peak
+        return 0.0
+    # Measured concurrently on every rank so each sees the contention it will train under.
+    return measure_cpu_matmul_flops()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int):
+        self.enabled = enabled
+        self.log_dir = log_dir
+        self.writer = None
+        self.jsonl = None
+        self.bar = None
+        if not enabled:
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+        self.jsonl = (log_dir / "metrics.jsonl").open("a")
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.log_dir / "tensorboard"
+
+    def log(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def advance(self, steps: int, postfix: dict[str, float] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,52 @@
+"""AdamW with decay/no-decay parameter groups, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shardtune.config import TrainSection
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Norm weights and biases are 1-D; decaying them pulls scales toward zero for no gain.
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
+    kwargs = {}
+    if any(p.is_cuda for p in model.parameters()):
+        kwargs["fused"] = True
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kwargs
+    )
+
+
+def lr_multiplier(step: int, cfg: TrainSection, total_steps: int) -> float:
+    """Multiplier on ``cfg.lr`` for optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer, cfg: TrainSection, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg, total_steps)
+    )
