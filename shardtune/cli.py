@@ -1,4 +1,4 @@
-"""Command line: ``shardtune train|launch|config show``."""
+"""Command line: ``shardtune train|launch|config show|data prepare``."""
 
 from __future__ import annotations
 
@@ -40,11 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = p_config.add_subparsers(dest="config_command", required=True)
     p_show = config_sub.add_parser("show", help="print the resolved config")
     _add_config_args(p_show)
+
+    p_data = sub.add_parser("data", help="prepare datasets")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True)
+    p_prepare = data_sub.add_parser(
+        "prepare",
+        help="clean, validate, split and tokenize files into checksummed shards",
+        description="shardtune data prepare [CONFIG.yaml] [INPUT ...] [key=value ...] --out DIR. "
+        "Inputs are JSONL/CSV/Parquet files or globs (default: data.prepare.inputs); options come "
+        "from data.prepare.* (e.g. data.prepare.max_tokens=2048 data.prepare.on_bad_record=error). "
+        "Writes shards, manifest.json, report.json/.txt and token_lengths.png; a re-run with the "
+        "same inputs and settings does nothing.",
+    )
+    p_prepare.add_argument("items", nargs="*", metavar="CONFIG_OR_INPUT_OR_OVERRIDE",
+                           help="a .yaml run config, input files/globs, and dotted key=value overrides")
+    p_prepare.add_argument("--out", help="output directory (default: data.prepared_dir)")
+    p_prepare.add_argument("--tokenizer", help="tokenizer dir or hub id (default: tokenizer.name_or_path; "
+                           "if unset, a byte-level BPE of tokenizer.vocab_size is trained on the inputs)")
+    p_prepare.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (``launch cfg --nproc 2 train.lr=1``), which argparse
+    # leaves unparsed once the positionals are filled: collect those, reject anything else.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "data":
+        from shardtune.data.prepare import run_prepare_command
+
+        return run_prepare_command(args, extra, parser)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     config_path, overrides = _split_config_and_overrides(args)
     try:
         cfg = load_config(config_path, overrides)

@@ -8,10 +8,12 @@ a non-finite flag so every rank takes the same skip/stop decision at the same st
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -118,8 +120,14 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
             consecutive_bad += 1
             result.skipped_steps.append(step)
             what = "loss" if any_bad else "gradient norm"
-            log.message(f"step {step}: non-finite {what} on {int(reduced[1]) or 'some'} rank(s); update skipped")
-            if cfg.train.on_nonfinite == "stop" or consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+            stop = cfg.train.on_nonfinite == "stop" or consecutive_bad >= cfg.train.max_consecutive_nonfinite
+            # Every rank reports its own decision: the proof that they all agreed is in each log.
+            print(
+                f"[rank {ctx.rank}] step {step}: non-finite {what} on "
+                f"{int(reduced[1]) or 'some'} rank(s); {'stopping' if stop else 'update skipped'}",
+                file=sys.stderr, flush=True,
+            )
+            if stop:
                 result.stopped_reason = f"non-finite {what} at step {step}"
                 break
             log.advance(1)
@@ -154,6 +162,7 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
     log.log(result.steps, {"loss": result.val_after}, kind="val")
     log.close()
     if ctx.is_main:
+        (cfg.output_dir / "result.json").write_text(json.dumps(asdict(result), indent=1))
         _print_summary(result, cfg)
     if result.stopped_reason.startswith("non-finite"):
         raise NonFiniteLossError(result.stopped_reason)
