@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import run_shardtune
 
 pytestmark = pytest.mark.distributed

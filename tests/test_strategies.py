@@ -4,7 +4,6 @@ sharding is right, not only that it runs."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_shardtune
 
 pytestmark = pytest.mark.distributed
@@ -22,7 +21,7 @@ def test_two_ranks_match_single_process(strategy, tmp_path, single_process_refer
     losses = run.train_losses()
     reference = single_process_reference.train_losses()
     assert len(losses) == len(reference) == 8
-    for step, (got, want) in enumerate(zip(losses, reference), start=1):
+    for step, (got, want) in enumerate(zip(losses, reference, strict=True), start=1):
         assert got == pytest.approx(want, rel=REL_TOLERANCE), f"step {step}: {got} vs {want}"
     # And it learns: the last steps are clearly below the first.
     assert losses[-1] < 0.85 * losses[0], losses
@@ -35,5 +34,5 @@ def test_micro_batch_split_does_not_change_the_math(tmp_path, single_process_ref
     # Same global batch, different micro-batch size (so a different accumulation count):
     # the loss is normalised by the step's global token count, so nothing may change.
     run = run_shardtune(tmp_path, "train.micro_batch_size=4", nproc=2)
-    for got, want in zip(run.train_losses(), single_process_reference.train_losses()):
+    for got, want in zip(run.train_losses(), single_process_reference.train_losses(), strict=True):
         assert got == pytest.approx(want, rel=REL_TOLERANCE)

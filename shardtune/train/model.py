@@ -5,8 +5,8 @@ Nothing here knows about parallelism; strategies receive the plain ``nn.Module``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 

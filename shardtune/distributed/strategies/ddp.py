@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from shardtune.distributed.strategies.base import Strategy, StepOutcome, torch_clip_and_step
+from shardtune.distributed.strategies.base import StepOutcome, Strategy, torch_clip_and_step
 from shardtune.train.optim import build_optimizer, build_scheduler
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from shardtune.distributed.strategies.base import Strategy, StepOutcome, torch_clip_and_step
+from shardtune.distributed.strategies.base import StepOutcome, Strategy, torch_clip_and_step
 from shardtune.train.optim import build_optimizer, build_scheduler
 
 

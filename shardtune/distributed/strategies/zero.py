@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from shardtune.config import RunConfig
-from shardtune.distributed.strategies.base import Strategy, StepOutcome
+from shardtune.distributed.strategies.base import StepOutcome, Strategy
 from shardtune.train.optim import build_optimizer, build_scheduler
 
 
