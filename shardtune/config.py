@@ -62,11 +62,48 @@ class SyntheticDataSection(_Section):
     num_records: int = Field(4000, ge=8)
 
 
+class SplitRatios(_Section):
+    train: float = Field(0.98, ge=0.0, le=1.0)
+    validation: float = Field(0.01, ge=0.0, le=1.0)
+    test: float = Field(0.01, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitRatios:
+        if abs(self.train + self.validation + self.test - 1.0) > 1e-9 or self.train == 0:
+            raise ValueError("split ratios must sum to 1 with train > 0")
+        return self
+
+
+class PrepareSection(_Section):
+    """``shardtune data prepare``: cleaning, validation, splitting and sharding options."""
+
+    inputs: list[str] = Field(default_factory=list)  # files or globs; the CLI may give them instead
+    file_type: Literal["auto", "jsonl", "csv", "parquet"] = "auto"  # auto = by file suffix
+    format: Literal["auto", "chat", "prompt_completion", "text", "labelled"] = "auto"
+    on_bad_record: Literal["drop", "error"] = "drop"
+    # NFC is lossless; NFKC also folds compatibility forms (full-width, superscripts).
+    unicode_form: Literal["NFC", "NFKC"] = "NFC"
+    allowed_roles: list[str] = Field(default_factory=lambda: ["system", "user", "assistant", "tool"])
+    label_names: list[str] | None = None  # classification labels; None = in order of first appearance
+    max_tokens: int | None = Field(None, ge=2)
+    overlong: Literal["drop", "truncate"] = "drop"
+    near_dedup: bool = True
+    near_dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # estimated Jaccard of word 5-grams
+    splits: SplitRatios = SplitRatios()
+    shard_tokens: int = Field(1 << 26, ge=1)  # a shard closes after the document crossing this
+    # A Jinja chat template; None = the tokenizer's own, else a built-in ChatML-like one.
+    chat_template: str | None = None
+    progress: bool = True
+
+
 class DataSection(_Section):
     # ``synthetic`` generates the built-in task (no files needed); ``jsonl`` reads
-    # prompt/completion or text records from ``path``.
-    source: Literal["synthetic", "jsonl"] = "synthetic"
+    # prompt/completion or text records from ``path``; ``prepared`` memory-maps the shards
+    # ``shardtune data prepare`` wrote to ``prepared_dir``.
+    source: Literal["synthetic", "jsonl", "prepared"] = "synthetic"
     path: str | None = None
+    prepared_dir: str | None = None
+    prepare: PrepareSection = PrepareSection()
     seq_len: int = Field(256, ge=8)
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     synthetic: SyntheticDataSection = SyntheticDataSection()
@@ -75,6 +112,8 @@ class DataSection(_Section):
     def _path_for_files(self) -> DataSection:
         if self.source == "jsonl" and not self.path:
             raise ValueError("data.source=jsonl needs data.path")
+        if self.source == "prepared" and not self.prepared_dir:
+            raise ValueError("data.source=prepared needs data.prepared_dir")
         return self
 
 

@@ -85,10 +85,30 @@ class InMemorySource:
 def load_records(cfg: DataSection, seed: int) -> list[dict[str, str]]:
     if cfg.source == "synthetic":
         return generate_records(cfg.synthetic.num_records, seed)
+    if cfg.source == "prepared":
+        # Reached when the run would train its own tokenizer: prepared shards need the one they were made with.
+        raise DataError(
+            f"data.source=prepared needs tokenizer.name_or_path={Path(cfg.prepared_dir) / 'tokenizer'} "
+            "(the tokenizer the shards were prepared with)"
+        )
     return read_jsonl_records(cfg.path)
 
 
+def build_prepared_sources(cfg: DataSection, tokenizer, seed: int):
+    from shardtune.data.prepare import tokenizer_fingerprint
+    from shardtune.data.shards import PreparedSource
+
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    train = PreparedSource(cfg.prepared_dir, "train", cfg.seq_len, seed, tokenizer_fingerprint=fingerprint)
+    if train.manifest["splits"]["validation"]["documents"] == 0:
+        return train, train  # mirrors the in-memory path, which evaluates on training data when it must
+    val = PreparedSource(cfg.prepared_dir, "validation", cfg.seq_len, seed, tokenizer_fingerprint=fingerprint)
+    return train, val
+
+
 def build_sources(cfg: DataSection, tokenizer, seed: int) -> tuple[InMemorySource, InMemorySource]:
+    if cfg.source == "prepared":
+        return build_prepared_sources(cfg, tokenizer, seed)
     records = load_records(cfg, seed)
     train = [r for r in records if not in_validation(r, cfg.validation_fraction)]
     val = [r for r in records if in_validation(r, cfg.validation_fraction)]

@@ -1,6 +1,7 @@
 """Tokenized documents and the elastic packing plan.
 
-A corpus is four flat arrays (tokens, per-document offsets, lengths and prompt lengths),
+A corpus is four flat arrays (tokens, per-document offsets, lengths and prompt lengths, plus
+an optional per-token loss mask),
 in memory here or memory-mapped from prepared shards. Packing permutes the documents with
 ``default_rng([seed, epoch])``, concatenates them, and cuts the stream into ``seq_len``
 windows. Sequence ``k`` of an epoch is therefore a pure function of (seed, epoch, document
@@ -23,6 +24,9 @@ class TokenizedCorpus:
     doc_offsets: np.ndarray  # int64, start of each document in ``tokens``
     doc_lengths: np.ndarray  # int64
     prompt_lengths: np.ndarray  # int64, tokens excluded from the loss at each document's start
+    # Optional uint8 per token (1 = training target), aligned with ``tokens``. Multi-turn chat
+    # needs it: loss on every assistant turn, none on the user turns between them.
+    loss_mask: np.ndarray | None = None
 
     @classmethod
     def from_documents(cls, docs: list[list[int]], prompt_lengths: list[int], vocab_size: int):
@@ -81,6 +85,8 @@ class PackedEpoch:
             labels[chunk] = input_ids[chunk]
             masked = max(0, min(int(corpus.prompt_lengths[doc]), within + take) - within)
             labels[filled : filled + masked] = IGNORE_INDEX
+            if corpus.loss_mask is not None:
+                labels[chunk][corpus.loss_mask[start : start + take] == 0] = IGNORE_INDEX
             if within == 0:
                 # Nothing inside this document predicts its first token.
                 labels[filled] = IGNORE_INDEX

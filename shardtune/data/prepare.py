@@ -1,0 +1,349 @@
+"""``shardtune data prepare``: raw files -> cleaned, split, tokenized, checksummed shards.
+
+One streaming pass in input order: read -> validate -> normalise -> exact dedup -> near
+dedup -> split by content hash -> tokenize (batched) -> append to the split's shard. Keeping
+the first occurrence of each (near-)duplicate in input order means appending files later
+never changes which earlier records are kept, and the content-hash split never moves them.
+
+The output directory is written under a temporary name and renamed at the end, so an
+interrupted run never leaves a half-written dataset behind a valid-looking manifest. A run
+whose fingerprint (inputs' sha256, settings, tokenizer, chat template, format version)
+matches the existing manifest, and whose shards still verify, does nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from shardtune.config import PrepareSection
+from shardtune.data.corpus import DataError
+from shardtune.data.encoder import DocumentEncoder, resolve_chat_template
+from shardtune.data.records import (
+    BadRecord,
+    NearDuplicateIndex,
+    Record,
+    RecordRules,
+    parse_record,
+    read_raw_records,
+)
+from shardtune.data.report import Accounting, format_table, write_report
+from shardtune.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    ShardError,
+    ShardWriter,
+    file_sha256,
+    read_manifest,
+    token_dtype,
+    verify_shards,
+)
+
+# Problems with the input itself; ``on_bad_record: error`` turns these into hard errors.
+# Other drops (empty, duplicates, over-long) are cleaning decisions and never fail the run.
+INVALID_REASONS = frozenset({
+    "undecodable_bytes", "malformed_json", "malformed_csv", "not_an_object",
+    "missing_field", "wrong_type", "unknown_role", "unknown_label",
+})
+
+ENCODE_BATCH = 512
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    manifest: dict
+    report: dict
+    cached: bool
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Stable across save/load: the tokenization model and the special tokens, not runtime options."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    # Only the special tokens the encoder inserts: load_tokenizer may add a pad token later.
+    special = {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token}
+    return _sha256_json({"model": spec, "special": special})
+
+
+def resolve_inputs(patterns: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"no input file matches {pattern!r}")
+        for m in matches:
+            if Path(m) not in paths:
+                paths.append(Path(m))
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file not found: {p}")
+    return paths
+
+
+def job_fingerprint(inputs: list[dict], settings: PrepareSection, tokenizer_spec: str, template: str) -> str:
+    return _sha256_json({
+        "format_version": FORMAT_VERSION,
+        "inputs": inputs,
+        "settings": settings.model_dump(mode="json", exclude={"inputs", "progress"}),
+        "tokenizer": tokenizer_spec,
+        "template": hashlib.sha256(template.encode()).hexdigest(),
+    })
+
+
+# --------------------------------------------------------------------------------------
+# The pipeline
+
+
+def split_of(digest: bytes, settings: PrepareSection) -> str:
+    """Uniform in [0, 1) from the content hash: adding records never moves existing ones."""
+    u = int.from_bytes(digest[8:16], "big") / 2**64
+    ratios = settings.splits
+    if u < ratios.train:
+        return "train"
+    return "validation" if u < ratios.train + ratios.validation else "test"
+
+
+class _Pipeline:
+    def __init__(self, settings: PrepareSection, encoder: DocumentEncoder, out_dir: Path, dtype):
+        self.settings = settings
+        self.encoder = encoder
+        self.rules = RecordRules(
+            format=settings.format,
+            unicode_form=settings.unicode_form,
+            allowed_roles=tuple(settings.allowed_roles),
+            label_names=tuple(settings.label_names) if settings.label_names is not None else None,
+        )
+        self.acc = Accounting(SPLITS)
+        self.seen: set[bytes] = set()
+        self.near = NearDuplicateIndex(settings.near_dedup_threshold) if settings.near_dedup else None
+        self.labels: dict[str, int] = {name: i for i, name in enumerate(settings.label_names or [])}
+        self.writers = {s: ShardWriter(out_dir / s, dtype, settings.shard_tokens) for s in SPLITS}
+        self.pending: dict[str, list[tuple[Record, bytes]]] = {s: [] for s in SPLITS}
+
+    def run(self, paths: list[Path]) -> None:
+        for path in paths:
+            items = read_raw_records(path, self.settings.file_type)
+            for location, raw in tqdm(items, desc=path.name, unit="rec", disable=not self.settings.progress):
+                self.acc.read += 1
+                self._admit(location, raw)
+        for split in SPLITS:
+            self._encode_pending(split)
+            self.writers[split].flush()
+        self.acc.check()
+
+    def _admit(self, location: str, raw) -> None:
+        try:
+            if isinstance(raw, BadRecord):
+                raise raw
+            record = parse_record(raw, location, self.rules)
+        except BadRecord as bad:
+            if self.settings.on_bad_record == "error" and bad.reason in INVALID_REASONS:
+                raise DataError(f"{location}: {bad} (data.prepare.on_bad_record=error)") from None
+            self.acc.drop(bad.reason, location, bad.detail)
+            return
+        digest = record.content_digest()
+        if digest in self.seen:
+            self.acc.drop("exact_duplicate", location)
+            return
+        self.seen.add(digest)
+        if self.near is not None and self.near.check_and_add(record.plain_text()):
+            self.acc.drop("near_duplicate", location)
+            return
+        if record.label is not None:
+            # Ids in order of first appearance in the input: appending data keeps existing ids.
+            self.labels.setdefault(record.label, len(self.labels))
+        split = split_of(digest, self.settings)
+        self.pending[split].append((record, digest))
+        if len(self.pending[split]) >= ENCODE_BATCH:
+            self._encode_pending(split)
+
+    def _encode_pending(self, split: str) -> None:
+        batch, self.pending[split] = self.pending[split], []
+        if not batch:
+            return
+        encoded = self.encoder.encode([r for r, _ in batch])
+        max_tokens = self.settings.max_tokens
+        for (record, digest), (ids, mask) in zip(batch, encoded, strict=True):
+            if max_tokens is not None and len(ids) > max_tokens:
+                if self.settings.overlong == "drop":
+                    self.acc.drop("overlong", record.location, f"{len(ids)} tokens > {max_tokens}")
+                    continue
+                ids, mask = ids[:max_tokens], mask[:max_tokens]
+                self.acc.truncated += 1
+            targets = int(mask.sum())
+            if targets == 0:
+                self.acc.drop("no_target_tokens", record.location, "nothing left to learn after truncation")
+                continue
+            label = -1 if record.label is None else self.labels[record.label]
+            prompt_length = int(np.argmax(mask))  # leading tokens without loss
+            key = int.from_bytes(digest[:8], "big")
+            self.writers[split].add(ids, mask, prompt_length, label, key)
+            self.acc.keep(split, len(ids), targets)
+
+
+def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: list[str] | None = None,
+                    tokenizer=None, tokenizer_vocab_size: int = 2048) -> PrepareResult:
+    """Prepare ``inputs`` (or ``settings.inputs``) into ``out_dir``; a no-op if already done.
+
+    ``tokenizer=None`` trains a byte-level BPE of ``tokenizer_vocab_size`` on the valid records.
+    """
+    out_dir = Path(out_dir)
+    paths = resolve_inputs(inputs if inputs is not None else settings.inputs)
+    if not paths:
+        raise DataError("no input files: give them on the command line or in data.prepare.inputs")
+    input_info = [{"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in paths]
+    template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
+    tokenizer_spec = tokenizer_fingerprint(tokenizer) if tokenizer is not None else f"trained-bpe:{tokenizer_vocab_size}"
+    fingerprint = job_fingerprint(input_info, settings, tokenizer_spec, template)
+
+    cached = _cached_result(out_dir, fingerprint)
+    if cached is not None:
+        return cached
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise DataError(f"{out_dir} exists and is not a prepared dataset; refusing to overwrite it")
+
+    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        tokenizer = _save_tokenizer(tokenizer, work / "tokenizer", paths, settings, tokenizer_vocab_size)
+        dtype = token_dtype(len(tokenizer))
+        pipeline = _Pipeline(settings, DocumentEncoder(tokenizer, template), work, dtype)
+        pipeline.run(paths)
+        report = write_report(pipeline.acc, work)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "created_by": "shardtune data prepare",
+            "inputs": input_info,
+            "settings": settings.model_dump(mode="json", exclude={"progress"}),
+            "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
+                          "path": "tokenizer"},
+            "chat_template": {"source": template_source,
+                              "fingerprint": hashlib.sha256(template.encode()).hexdigest()},
+            "token_dtype": dtype.name,
+            "labels": list(pipeline.labels),
+            "splits": {
+                s: {"documents": pipeline.acc.kept[s], "tokens": pipeline.acc.tokens[s],
+                    "target_tokens": pipeline.acc.target_tokens[s], "shards": pipeline.writers[s].shards}
+                for s in SPLITS
+            },
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PrepareResult(out_dir, manifest, report, cached=False)
+
+
+def _cached_result(out_dir: Path, fingerprint: str) -> PrepareResult | None:
+    if not (out_dir / MANIFEST).is_file():
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+        if manifest.get("fingerprint") != fingerprint:
+            return None
+        verify_shards(out_dir, manifest)
+        report = json.loads((out_dir / "report.json").read_text())
+    except (ShardError, OSError, ValueError) as exc:
+        print(f"shardtune: rebuilding {out_dir}: {exc}", file=sys.stderr)
+        return None
+    return PrepareResult(out_dir, manifest, report, cached=True)
+
+
+def _save_tokenizer(tokenizer, save_dir: Path, paths, settings: PrepareSection, vocab_size: int):
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(save_dir))
+        return tokenizer
+    from shardtune.train.model import train_tokenizer
+
+    rules = RecordRules(format=settings.format, unicode_form=settings.unicode_form,
+                        allowed_roles=tuple(settings.allowed_roles))
+
+    def texts():
+        for path in paths:
+            for location, raw in read_raw_records(path, settings.file_type):
+                if isinstance(raw, BadRecord):
+                    continue
+                try:
+                    yield parse_record(raw, location, rules).plain_text()
+                except BadRecord:
+                    continue
+
+    return train_tokenizer(texts(), vocab_size, save_dir)
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+
+
+def run_prepare_command(args, extra: list[str], parser) -> int:
+    """``shardtune data prepare [CONFIG] [INPUT ...] [key=value ...] --out DIR``."""
+    from shardtune.config import ConfigError, TokenizerSection, load_config
+    from shardtune.train.model import load_tokenizer
+
+    stray = [a for a in extra if a.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    config_path, inputs, overrides = None, [], []
+    for item in [*args.items, *extra]:
+        if item.endswith((".yaml", ".yml")) and config_path is None:
+            config_path = item
+        elif "=" in item and not Path(item).exists():
+            overrides.append(item)
+        else:
+            inputs.append(item)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"shardtune: {exc}", file=sys.stderr)
+        return 2
+    settings = cfg.data.prepare
+    if args.no_progress:
+        settings.progress = False
+    out_dir = args.out or cfg.data.prepared_dir
+    if not out_dir:
+        print("shardtune: give --out DIR (or data.prepared_dir in the config)", file=sys.stderr)
+        return 2
+    tokenizer_path = args.tokenizer or cfg.tokenizer.name_or_path
+    try:
+        tokenizer = None
+        if tokenizer_path:
+            tokenizer = load_tokenizer(TokenizerSection(name_or_path=tokenizer_path), cfg.model.trust_remote_code)
+        result = prepare_dataset(settings, out_dir, inputs=inputs or None, tokenizer=tokenizer,
+                                 tokenizer_vocab_size=cfg.tokenizer.vocab_size)
+    except (DataError, ShardError, FileNotFoundError) as exc:
+        print(f"shardtune: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result.report), end="")
+    state = "unchanged (inputs and settings match the manifest)" if result.cached else "written"
+    print(f"\n{result.out_dir}: {state}; report in {result.out_dir / 'report.txt'}")
+    print(f"train on it with: data.source=prepared data.prepared_dir={result.out_dir} "
+          f"tokenizer.name_or_path={result.out_dir / 'tokenizer'}")
+    return 0
