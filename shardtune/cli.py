@@ -97,13 +97,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return run_torchrun(cmd)
 
+    from shardtune.checkpoint.manifest import CheckpointError
     from shardtune.train.loop import NonFiniteLossError, train
+    from shardtune.train.signals import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         train(cfg)
     except NonFiniteLossError as exc:
         print(f"shardtune: stopped: {exc}", file=sys.stderr)
         return 3
+    except Preempted as exc:
+        print(f"shardtune: {exc}; rerun the same command to resume", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except CheckpointError as exc:
+        print(f"shardtune: checkpoint error: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 

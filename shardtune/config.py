@@ -123,6 +123,9 @@ class TrainSection(_Section):
     # config gives the same optimisation at any world size; accumulation is derived.
     global_batch_size: int = Field(8, ge=1)
     max_steps: int | None = Field(100, ge=1)
+    # End this invocation after this step (checkpointing it) while the LR schedule still
+    # spans the whole run: for time-sliced jobs, and to test exact resumption.
+    stop_at_step: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -180,6 +183,22 @@ class MetricsSection(_Section):
     peak_tflops_per_rank: float | None = Field(None, gt=0)
 
 
+class CheckpointSection(_Section):
+    dir: str | None = None  # default: <run.output_dir>/checkpoints
+    every_steps: int | None = Field(None, ge=1)
+    at_end: bool = True
+    keep_last: int = Field(3, ge=1)
+    keep_every: int | None = Field(None, ge=1)  # also keep every n-th step forever
+    # Async: the loop waits only while the state is staged to host memory.
+    async_save: bool = True
+    # auto = newest valid checkpoint under dir (corrupt ones skipped with a warning);
+    # never = start fresh; anything else = that checkpoint directory, which must be valid.
+    resume: str = "auto"
+    verify_on_resume: bool = True
+    # SIGUSR1 / SIGTERM: every rank saves at the next step boundary and exits with code 75.
+    save_on_signal: bool = True
+
+
 class RunConfig(_Section):
     run: RunSection = RunSection()
     model: ModelSection
@@ -188,10 +207,15 @@ class RunConfig(_Section):
     train: TrainSection = TrainSection()
     distributed: DistributedSection = DistributedSection()
     metrics: MetricsSection = MetricsSection()
+    checkpoint: CheckpointSection = CheckpointSection()
 
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir.replace("${run.name}", self.run.name))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.output_dir / "checkpoints"
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +90,29 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
 
 def tensorboard_hint(log_dir: Path) -> str:
     return f"tensorboard --logdir {log_dir}"
+
+
+def trainer_state(cfg: RunConfig, step: int, tokens_seen: int, loader: GlobalBatchLoader, strategy: Strategy) -> dict:
+    """Everything but tensors that a resume needs, as plain JSON."""
+    import shardtune
+
+    return {
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "loader": loader.state_dict(),
+        "scheduler": strategy.scheduler.state_dict(),
+        "config": cfg.model_dump(mode="json"),
+        "versions": {
+            "shardtune": shardtune.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        },
+    }
+
+
+def write_export_extras(directory: Path, parts: RunParts) -> list[str]:
+    """Rank 0 stores what ``shardtune ckpt export`` needs to rebuild a Hugging Face model."""
+    (directory / "model_config.json").write_text(parts.model_config.to_json_string())
+    tokenizer_dir = directory / "tokenizer"
+    parts.tokenizer.save_pretrained(str(tokenizer_dir))
+    files = ["model_config.json"]
+    files += sorted(str(p.relative_to(directory)) for p in tokenizer_dir.rglob("*") if p.is_file())
+    return files

@@ -68,7 +68,10 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int):
+    def __init__(
+        self, log_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
+        initial: int = 0,
+    ):
         self.enabled = enabled
         self.log_dir = log_dir
         self.writer = None
@@ -85,7 +88,9 @@ class MetricsLogger:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True
+            )
 
     @property
     def tensorboard_dir(self) -> Path:

@@ -50,3 +50,14 @@ def build_scheduler(optimizer, cfg: TrainSection, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg, total_steps)
     )
+
+
+def restore_scheduler(scheduler, state: dict) -> None:
+    """Load a scheduler's position and put its learning rates back on the optimizer.
+
+    ``LambdaLR.load_state_dict`` restores the step count but leaves the optimizer at the
+    fresh scheduler's step-0 rate, so the first update after a resume would use it.
+    """
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr

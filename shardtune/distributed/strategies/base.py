@@ -57,6 +57,23 @@ class Strategy(ABC):
     def unwrapped(self) -> torch.nn.Module:
         return self.model
 
+    # Checkpoint state. Every strategy speaks one logical layout, so any strategy can load
+    # any other's checkpoint: {"model": {fqn: tensor}, "optim": {"state": {fqn: {"step",
+    # "exp_avg", "exp_avg_sq"}}}} with Hugging Face parameter names and unsharded shapes
+    # (DTensors carry the unsharded shape too). Hyperparameters live in JSON, not here.
+
+    @abstractmethod
+    def checkpoint_state(self) -> dict:
+        """The tensors to save: model weights and optimizer moments, logical layout."""
+
+    @abstractmethod
+    def checkpoint_template(self) -> dict:
+        """Tensors with this rank's target placement for ``dcp.load`` to fill in place."""
+
+    @abstractmethod
+    def load_checkpoint_state(self, filled: dict) -> None:
+        """Apply a template filled by ``dcp.load``."""
+
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
@@ -86,3 +103,31 @@ def torch_clip_and_step(strategy: Strategy, params, max_grad_norm: float | None,
     strategy.optimizer.zero_grad(set_to_none=True)
     strategy.scheduler.step()
     return StepOutcome(grad_norm=norm, applied=applied)
+
+
+class TorchStateMixin:
+    """DDP and FSDP2: torch's distributed state-dict API already gives the logical layout."""
+
+    def _dcp_module(self) -> torch.nn.Module:
+        return self.model
+
+    def checkpoint_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self._dcp_module(), self.optimizer)
+        return {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+
+    def checkpoint_template(self) -> dict:
+        # get_state_dict materialises the optimizer moments (a zero-lr step) on a fresh
+        # optimizer, so the template has every tensor the checkpoint holds.
+        return self.checkpoint_state()
+
+    def load_checkpoint_state(self, filled: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        _, current = get_state_dict(self._dcp_module(), self.optimizer)
+        set_state_dict(
+            self._dcp_module(), self.optimizer,
+            model_state_dict=filled["model"],
+            optim_state_dict={"state": filled["optim"]["state"], "param_groups": current["param_groups"]},
+        )

@@ -7,11 +7,11 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from shardtune.distributed.strategies.base import StepOutcome, Strategy, torch_clip_and_step
+from shardtune.distributed.strategies.base import StepOutcome, Strategy, TorchStateMixin, torch_clip_and_step
 from shardtune.train.optim import build_optimizer, build_scheduler
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(TorchStateMixin, Strategy):
     name = "ddp"
 
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:

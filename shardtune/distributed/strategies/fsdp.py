@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from shardtune.distributed.strategies.base import StepOutcome, Strategy, torch_clip_and_step
+from shardtune.distributed.strategies.base import StepOutcome, Strategy, TorchStateMixin, torch_clip_and_step
 from shardtune.train.optim import build_optimizer, build_scheduler
 
 
@@ -24,7 +24,7 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(TorchStateMixin, Strategy):
     name = "fsdp"
 
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:

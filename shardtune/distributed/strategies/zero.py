@@ -108,3 +108,61 @@ class ZeroStrategy(Strategy):
             )
         self.scheduler.step()
         return StepOutcome(grad_norm=norm, applied=applied)
+
+    # -- checkpoint state in the shared logical layout ------------------------------------
+    # DeepSpeed keeps fp32 masters and Adam moments in flat, padded per-rank partitions.
+    # Its safe_get/set_full_* helpers translate between those and per-parameter tensors.
+    _MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def _base_optimizer_states(self) -> list[dict]:
+        return [s for s in self.optimizer.optimizer.state.values() if "step" in s]
+
+    def _optimizer_step(self) -> torch.Tensor:
+        states = self._base_optimizer_states()
+        return states[0]["step"].detach().clone().cpu() if states else torch.tensor(0.0)
+
+    def checkpoint_state(self) -> dict:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        step = self._optimizer_step()
+        rank, world = self.ctx.rank, self.ctx.world_size
+        model, optim = {}, {}
+        for index, (name, param) in enumerate(self.unwrapped.named_parameters()):
+            # Collective under ZeRO-3: every rank gathers every parameter, in the same order.
+            full = safe_get_full_fp32_param(param)
+            moments = {k: safe_get_full_optimizer_state(param, k) for k in self._MOMENTS}
+            if index % world != rank:
+                continue  # each rank keeps (and writes) a disjoint 1/world of the tensors
+            model[name] = full.detach().cpu()
+            optim[name] = {"step": step.clone(), **{k: v.detach().cpu() for k, v in moments.items()}}
+        return {"model": model, "optim": {"state": optim}}
+
+    def checkpoint_template(self) -> dict:
+        model, optim = {}, {}
+        for name, param in self.unwrapped.named_parameters():
+            shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+            model[name] = torch.empty(shape, dtype=torch.float32)
+            optim[name] = {"step": torch.tensor(0.0), **{k: torch.empty(shape) for k in self._MOMENTS}}
+        return {"model": model, "optim": {"state": optim}}
+
+    def load_checkpoint_state(self, filled: dict) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        device = self.ctx.device
+        for name, param in self.unwrapped.named_parameters():
+            full = filled["model"][name].to(device)
+            # The module's working copy (partitioned under ZeRO-3) and the fp32 master are
+            # separate tensors: both must be set, or the first forward uses stale weights.
+            if self.stage == 3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.ctx.rank == 0:
+                        param.data.copy_(full.to(param.dtype))
+            else:
+                param.data.copy_(full.to(param.dtype))
+            safe_set_full_fp32_param(param, full)
+            for key in self._MOMENTS:
+                safe_set_full_optimizer_state(param, filled["optim"]["state"][name][key].to(device), key)
+        steps = [entry["step"] for entry in filled["optim"]["state"].values()]
+        for state in self._base_optimizer_states():
+            state["step"] = steps[0].clone().to(state["step"].device, state["step"].dtype)

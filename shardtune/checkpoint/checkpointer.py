@@ -1,0 +1,241 @@
+"""The one checkpointer: every strategy, every stateful piece, atomic commit, async writes.
+
+Layout under ``checkpoint.dir`` (default ``<run>/checkpoints``)::
+
+    step-00000100/           committed checkpoint (the rename from .tmp-* is the commit)
+      .metadata, __R_0.distcp  DCP shards: model weights + optimizer moments, logical layout
+      trainer_state.json     step, tokens, data cursor, scheduler, config, versions
+      rng/rank-0000R.json    per-rank RNG streams
+      model_config.json, tokenizer/   what export needs to rebuild a Hugging Face model
+      manifest.json          per-file size + sha256, logical tensor shapes (written last)
+    latest                   name of the newest committed checkpoint (moved last)
+
+A crash at any moment leaves at worst a ``.tmp-*`` directory, never selected, and the
+previous checkpoint still committed and named by ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+
+from shardtune.checkpoint.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    TRAINER_STATE,
+    CheckpointError,
+    CheckpointInfo,
+    describe_files,
+    fsync_path,
+    list_checkpoints,
+    read_manifest,
+    step_dir_name,
+    verify_checkpoint,
+    write_json_atomic,
+    write_latest,
+)
+from shardtune.checkpoint.rng import load_rng_state, rng_state
+from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner
+
+
+def flatten_shapes(state: dict, prefix: str = "") -> dict[str, list[int]]:
+    """Logical (unsharded) shape of every tensor, keyed the way DCP flattens nested dicts."""
+    shapes = {}
+    for key, value in state.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            shapes.update(flatten_shapes(value, path + "."))
+        elif isinstance(value, torch.Tensor):
+            shapes[path] = list(value.shape)  # a DTensor reports its global shape
+    return shapes
+
+
+def check_compatible(checkpoint_shapes: dict[str, list[int]], template: dict, where: Path) -> None:
+    for key, shape in flatten_shapes(template).items():
+        if key not in checkpoint_shapes:
+            raise CheckpointError(
+                f"{where} does not fit this model: it has no tensor {key!r} "
+                f"(it holds {len(checkpoint_shapes)} tensors)"
+            )
+        if list(checkpoint_shapes[key]) != shape:
+            raise CheckpointError(
+                f"{where} does not fit this model: first mismatching tensor {key!r} has shape "
+                f"{list(checkpoint_shapes[key])} in the checkpoint but {shape} in the model"
+            )
+
+
+class Checkpointer:
+    def __init__(self, cfg, root: Path, ctx, strategy, *, extras_writer=None):
+        self.cfg = cfg
+        self.root = root
+        self.ctx = ctx
+        self.strategy = strategy
+        self.extras_writer = extras_writer  # rank 0: writes model_config.json, tokenizer/ into a dir
+        # Background writes run their own collectives; on the default group they could
+        # interleave with the training loop's and deadlock.
+        self.io_group = dist.new_group(backend="gloo")
+        self.pending = None
+        self.last_blocking_s = 0.0
+        if ctx.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        dist.barrier()
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def due(self, step: int, total_steps: int) -> bool:
+        every = self.cfg.every_steps
+        return bool(every and step % every == 0) or (self.cfg.at_end and step == total_steps)
+
+    def save(self, step: int, trainer_state: dict, *, blocking: bool = False) -> None:
+        """Stage this step's state and write it; commit now (blocking) or when ``poll`` sees it done."""
+        start = time.perf_counter()
+        self.wait()  # one save in flight at a time; the previous must commit first
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if final.exists():  # re-saving a step (e.g. at the end after an interval save)
+                shutil.rmtree(final)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = self.strategy.checkpoint_state()
+        snapshot = {"trainer": trainer_state, "rng": rng_state(), "shapes": flatten_shapes(state)}
+        writer = FileSystemWriter(str(tmp), sync_files=True)
+        if blocking or not self.cfg.async_save:
+            dcp.save(state, storage_writer=writer, process_group=self.io_group)
+            self.pending = (None, step, tmp, final, snapshot)
+            self.last_blocking_s = time.perf_counter() - start
+            self._commit()
+        else:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.io_group)
+            self.pending = (future, step, tmp, final, snapshot)
+            self.last_blocking_s = time.perf_counter() - start
+
+    def poll(self) -> None:
+        """Commit the in-flight save once every rank's background write has finished."""
+        if self.pending is None:
+            return
+        future = self.pending[0]
+        done = torch.tensor([1.0 if future is None or future.done() else 0.0])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # every rank must agree to commit
+        if done.item() == 1.0:
+            self._commit()
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            future = self.pending[0]
+            if future is not None:
+                future.result()
+            self._commit()
+
+    def _commit(self) -> None:
+        future, step, tmp, final, snapshot = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()  # re-raises a background write error on this rank
+        rank = self.ctx.rank
+        rng_file = f"rng/rank-{rank:05d}.json"
+        (tmp / "rng").mkdir(exist_ok=True)
+        write_json_atomic(tmp / rng_file, snapshot["rng"])
+        mine = [rng_file] + sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp"))
+        described = describe_files(tmp, mine)
+        gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
+        dist.gather_object(described, gathered, dst=0)
+        if self.ctx.is_main:
+            self._write_rank0_files(tmp, step, snapshot, gathered)
+            tmp.rename(final)
+            fsync_path(self.root)
+            write_latest(self.root, final.name)
+            self._apply_retention()
+        dist.barrier()
+
+    def _write_rank0_files(self, tmp: Path, step: int, snapshot: dict, gathered: list[dict]) -> None:
+        write_json_atomic(tmp / TRAINER_STATE, snapshot["trainer"])
+        extra = [TRAINER_STATE, ".metadata"]
+        if self.extras_writer is not None:
+            extra += self.extras_writer(tmp)
+        files = {}
+        for per_rank in gathered:
+            files.update(per_rank)
+        files.update(describe_files(tmp, extra))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": self.ctx.world_size,
+            "strategy": self.strategy.name,
+            "tensors": snapshot["shapes"],
+            "files": files,
+            "created_unix": time.time(),
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence means complete
+        fsync_path(tmp)
+
+    def _apply_retention(self) -> None:
+        committed = list_checkpoints(self.root)
+        keep = {c.step for c in committed[-self.cfg.keep_last:]}
+        if self.cfg.keep_every:
+            keep |= {c.step for c in committed if c.step % self.cfg.keep_every == 0}
+        for c in committed:
+            if c.step not in keep:
+                shutil.rmtree(c.path, ignore_errors=True)
+
+    # -- resuming ---------------------------------------------------------------------------
+
+    def select_for_resume(self) -> Path | None:
+        """Rank 0 picks (verifying as configured) and tells everyone, so all ranks load the same one."""
+        choice = [None]
+        if self.ctx.is_main:
+            selected = self._select() if self._select_mode() != "never" else None
+            choice[0] = str(selected) if selected is not None else None
+        dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
+    def _select_mode(self) -> str:
+        return self.cfg.resume if self.cfg.resume in ("auto", "never") else "path"
+
+    def _select(self) -> Path | None:
+        if self._select_mode() == "path":
+            path = Path(self.cfg.resume)
+            verify_checkpoint(path, checksums=self.cfg.verify_on_resume)
+            return path
+        for candidate in reversed(list_checkpoints(self.root)):
+            try:
+                verify_checkpoint(candidate.path, checksums=self.cfg.verify_on_resume)
+                return candidate.path
+            except CheckpointError as exc:
+                print(f"shardtune: skipping checkpoint: {exc}", file=sys.stderr, flush=True)
+        return None
+
+    def load(self, path: Path) -> dict:
+        """Load model + optimizer into the strategy, this rank's RNG; return the trainer state."""
+        manifest = read_manifest(path)
+        template = self.strategy.checkpoint_template()
+        check_compatible(manifest["tensors"], template, path)
+        dcp.load(
+            template,
+            storage_reader=SafeFileSystemReader(str(path)),
+            planner=TensorOnlyLoadPlanner(),
+        )
+        self.strategy.load_checkpoint_state(template)
+        rng_file = path / "rng" / f"rank-{self.ctx.rank:05d}.json"
+        if manifest["world_size"] == self.ctx.world_size and rng_file.is_file():
+            load_rng_state(json.loads(rng_file.read_text()))
+        # On another world size the per-rank streams cannot map one-to-one; ranks keep the
+        # fresh seeds they were given (only dropout-like randomness depends on them).
+        return json.loads((path / TRAINER_STATE).read_text())
+
+    def close(self) -> None:
+        self.wait()
+
+
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointInfo", "check_compatible"]

@@ -1,0 +1,36 @@
+"""Save-on-request: SIGUSR1 / SIGTERM set a flag; the loop agrees on it across ranks.
+
+Handlers never do work themselves: a rank cannot checkpoint alone, so the flag travels in
+the next per-step all-reduce and every rank saves at the same step boundary.
+"""
+
+from __future__ import annotations
+
+import signal
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
+
+
+class StopRequest:
+    def __init__(self, enabled: bool):
+        self.signal_name: str | None = None
+        self._previous = {}
+        if enabled:
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class Preempted(RuntimeError):
+    """Raised after the checkpoint is committed, so the process exits with PREEMPTED_EXIT_CODE."""
