@@ -43,7 +43,7 @@ from shardtune.checkpoint.manifest import (
     write_latest,
 )
 from shardtune.checkpoint.rng import load_rng_state, rng_state
-from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner
+from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner, safe_load_metadata
 
 
 def flatten_shapes(state: dict, prefix: str = "") -> dict[str, list[int]]:
@@ -70,6 +70,16 @@ def check_compatible(checkpoint_shapes: dict[str, list[int]], template: dict, wh
                 f"{where} does not fit this model: first mismatching tensor {key!r} has shape "
                 f"{list(checkpoint_shapes[key])} in the checkpoint but {shape} in the model"
             )
+
+
+def logical_shapes(directory: Path) -> dict[str, list[int]]:
+    """Unsharded shape of every tensor, from DCP's own metadata (whichever rank wrote it)."""
+    metadata = safe_load_metadata((directory / ".metadata").read_bytes())
+    return {
+        key: list(meta.size)
+        for key, meta in sorted(metadata.state_dict_metadata.items())
+        if hasattr(meta, "size")
+    }
 
 
 class Checkpointer:
@@ -109,7 +119,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         state = self.strategy.checkpoint_state()
-        snapshot = {"trainer": trainer_state, "rng": rng_state(), "shapes": flatten_shapes(state)}
+        snapshot = {"trainer": trainer_state, "rng": rng_state()}
         writer = FileSystemWriter(str(tmp), sync_files=True)
         if blocking or not self.cfg.async_save:
             dcp.save(state, storage_writer=writer, process_group=self.io_group)
@@ -173,7 +183,7 @@ class Checkpointer:
             "step": step,
             "world_size": self.ctx.world_size,
             "strategy": self.strategy.name,
-            "tensors": snapshot["shapes"],
+            "tensors": logical_shapes(tmp),
             "files": files,
             "created_unix": time.time(),
         }

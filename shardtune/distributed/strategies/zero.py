@@ -114,6 +114,31 @@ class ZeroStrategy(Strategy):
     # Its safe_get/set_full_* helpers translate between those and per-parameter tensors.
     _MOMENTS = ("exp_avg", "exp_avg_sq")
 
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        if self.stage == 3:
+            return list(self.optimizer.fp32_partitioned_groups_flat)
+        return list(self.optimizer.single_partition_of_fp32_groups)
+
+    def _ensure_optimizer_states(self) -> None:
+        """Make the per-parameter views of Adam's moments usable before any step or load.
+
+        A fresh engine has no moments until its first step, so a resume would have nowhere
+        to write them. And ZeRO-1/2 link each parameter to its slice of the moments once,
+        right after the first param group steps, when the other groups have no state yet:
+        their links stay empty. Creating the states and relinking fixes both.
+        """
+        base = self.optimizer.optimizer
+        on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
+        for flat in self._flat_partitions():
+            state = base.state[flat]
+            if "exp_avg" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(flat)
+                state["exp_avg_sq"] = torch.zeros_like(flat)
+        if self.stage < 3:
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
     def _base_optimizer_states(self) -> list[dict]:
         return [s for s in self.optimizer.optimizer.state.values() if "step" in s]
 
@@ -124,6 +149,7 @@ class ZeroStrategy(Strategy):
     def checkpoint_state(self) -> dict:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+        self._ensure_optimizer_states()
         step = self._optimizer_step()
         rank, world = self.ctx.rank, self.ctx.world_size
         model, optim = {}, {}
@@ -149,6 +175,7 @@ class ZeroStrategy(Strategy):
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        self._ensure_optimizer_states()
         device = self.ctx.device
         for name, param in self.unwrapped.named_parameters():
             full = filled["model"][name].to(device)
