@@ -1,4 +1,4 @@
-"""Command line: ``shardtune train|launch|config show|data prepare``."""
+"""Command line: ``shardtune train|launch|slurm submit|config show|data prepare``."""
 
 from __future__ import annotations
 
@@ -34,7 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_launch.add_argument("--node-rank", type=int, default=0)
     p_launch.add_argument("--master", default="127.0.0.1", help="address of node 0 (multi-node)")
     p_launch.add_argument("--port", type=int, default=29500)
+    p_launch.add_argument("--max-restarts", type=int, default=0,
+                          help="restart all of this node's workers up to N times after a failure")
+    p_launch.add_argument("--rdzv-id", help="job id shared by all nodes of one run (multi-node)")
     p_launch.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
+
+    _add_slurm_parser(sub)
+
+    from shardtune.checkpoint.commands import add_parser as add_ckpt_parser
+
+    add_ckpt_parser(sub)
 
     p_config = sub.add_parser("config", help="inspect configs")
     config_sub = p_config.add_subparsers(dest="config_command", required=True)
@@ -61,15 +70,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_slurm_parser(sub) -> None:
+    from shardtune.launch.slurm import DEFAULT_MAX_REQUEUES, DEFAULT_WARN_SECONDS, LAUNCHERS
+
+    p_slurm = sub.add_parser("slurm", help="run on a SLURM cluster")
+    slurm_sub = p_slurm.add_subparsers(dest="slurm_command", required=True)
+    p_submit = slurm_sub.add_parser(
+        "submit", help="render an sbatch script from slurm/ and submit it",
+        description="Render an sbatch script from a template in slurm/ and submit it with sbatch; "
+        "prints the job id and the log path. Preempted or timed-out jobs checkpoint, requeue "
+        "themselves and resume.",
+    )
+    _add_config_args(p_submit)
+    p_submit.add_argument("--nodes", type=int, required=True)
+    p_submit.add_argument("--gpus-per-node", type=int, required=True, help="0 on CPU-only nodes")
+    p_submit.add_argument("--ranks-per-node", type=int, help="default: one per GPU (1 without GPUs)")
+    p_submit.add_argument("--launcher", choices=sorted(LAUNCHERS), default="torchrun",
+                          help="torchrun: one task per node running torchrun; srun: one task per rank")
+    p_submit.add_argument("--partition")
+    p_submit.add_argument("--account")
+    p_submit.add_argument("--time", help="wall-clock limit, e.g. 24:00:00")
+    p_submit.add_argument("--cpus-per-task", type=int)
+    p_submit.add_argument("--max-requeues", type=int, default=DEFAULT_MAX_REQUEUES,
+                          help="stop requeueing after this many restarts (default %(default)s)")
+    p_submit.add_argument("--warn-seconds", type=int, default=DEFAULT_WARN_SECONDS,
+                          help="ask for SIGUSR1 this long before the time limit, to checkpoint "
+                          "(default %(default)s)")
+    p_submit.add_argument("--template", help="sbatch template to render instead of slurm/<launcher>.sbatch")
+    p_submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+    p_relay = slurm_sub.add_parser(
+        "signal-trainers", help="(used by the sbatch scripts) signal this node's trainer processes"
+    )
+    p_relay.add_argument("signal", choices=["USR1", "TERM"])
+    p_relay.add_argument("--job", help="only trainers of this SLURM job id")
+    p_relay.add_argument("--wait", type=float, default=30.0, help="seconds to wait for trainers to start")
+
+
+def _slurm_submit(args, config_path: str | None, overrides: list[str], cfg) -> int:
+    from pathlib import Path
+
+    from shardtune.launch.slurm import SlurmJob, SubmitError, render_job, submit
+
+    workdir = Path.cwd()
+    job = SlurmJob(
+        config=Path(config_path).resolve() if config_path else None,
+        overrides=tuple(overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        ranks_per_node=args.ranks_per_node, launcher=args.launcher, run_name=cfg.run.name,
+        output_dir=workdir / cfg.output_dir, workdir=workdir, partition=args.partition,
+        account=args.account, time=args.time, cpus_per_task=args.cpus_per_task,
+        max_requeues=args.max_requeues, warn_seconds=args.warn_seconds,
+    )
+    try:
+        script = render_job(job, Path(args.template) if args.template else None)
+        if args.dry_run:
+            print(script, end="")
+            return 0
+        job_id = submit(script, job)
+    except SubmitError as exc:
+        print(f"shardtune: {exc}", file=sys.stderr)
+        return 2
+    print(f"submitted job {job_id}\nlog: {job.log_path(job_id)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come after options (``launch cfg --nproc 2 train.lr=1``), which argparse
     # leaves unparsed once the positionals are filled: collect those, reject anything else.
     args, extra = parser.parse_known_args(argv)
+    if args.command == "ckpt":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from shardtune.checkpoint.commands import run as run_ckpt_command
+
+        return run_ckpt_command(args)
     if args.command == "data":
         from shardtune.data.prepare import run_prepare_command
 
         return run_prepare_command(args, extra, parser)
+    if args.command == "slurm" and args.slurm_command == "signal-trainers":
+        import signal
+
+        from shardtune.launch.trainer_signals import signal_trainers
+
+        signal_trainers(signal.Signals["SIG" + args.signal], args.job, wait_s=args.wait)
+        return 0
     stray = [a for a in extra if "=" not in a or a.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -85,17 +171,24 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
 
+    if args.command == "slurm":
+        return _slurm_submit(args, config_path, overrides, cfg)
+
     if args.command == "launch":
-        from shardtune.launch.local import run_torchrun, torchrun_command
+        import shlex
+
+        from shardtune.launch.local import run_torchrun, torchrun_command, torchrun_environment
 
         cmd = torchrun_command(
             config_path, overrides, nproc=args.nproc, nnodes=args.nnodes,
             node_rank=args.node_rank, master_addr=args.master, master_port=args.port,
+            max_restarts=args.max_restarts, rdzv_id=args.rdzv_id,
         )
+        extra_env = torchrun_environment(args.nnodes, args.max_restarts)
         if args.dry_run:
-            print(" ".join(cmd))
+            print(" ".join([*(f"{k}={v}" for k, v in extra_env.items()), shlex.join(cmd)]))
             return 0
-        return run_torchrun(cmd)
+        return run_torchrun(cmd, extra_env)
 
     from shardtune.checkpoint.manifest import CheckpointError
     from shardtune.train.loop import NonFiniteLossError, train

@@ -17,8 +17,9 @@ previous checkpoint still committed and named by ``latest``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import sys
+import signal
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from shardtune.checkpoint.manifest import (
     describe_files,
     fsync_path,
     list_checkpoints,
+    newest_valid_checkpoint,
     read_manifest,
     step_dir_name,
     verify_checkpoint,
@@ -70,6 +72,12 @@ def check_compatible(checkpoint_shapes: dict[str, list[int]], template: dict, wh
                 f"{where} does not fit this model: first mismatching tensor {key!r} has shape "
                 f"{list(checkpoint_shapes[key])} in the checkpoint but {shape} in the model"
             )
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Fault injection for tests: SHARDTUNE_FAULT_SAVE=<point>:<step> SIGKILLs this process there."""
+    if os.environ.get("SHARDTUNE_FAULT_SAVE") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def logical_shapes(directory: Path) -> dict[str, list[int]]:
@@ -118,6 +126,7 @@ class Checkpointer:
                 shutil.rmtree(final)
             tmp.mkdir(parents=True)
         dist.barrier()
+        _fault_point("before_staging", step)
         state = self.strategy.checkpoint_state()
         snapshot = {"trainer": trainer_state, "rng": rng_state()}
         writer = FileSystemWriter(str(tmp), sync_files=True)
@@ -158,13 +167,16 @@ class Checkpointer:
         (tmp / "rng").mkdir(exist_ok=True)
         write_json_atomic(tmp / rng_file, snapshot["rng"])
         mine = [rng_file] + sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp"))
+        _fault_point("after_write", step)
         described = describe_files(tmp, mine)
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
         dist.gather_object(described, gathered, dst=0)
         if self.ctx.is_main:
             self._write_rank0_files(tmp, step, snapshot, gathered)
+            _fault_point("before_rename", step)
             tmp.rename(final)
             fsync_path(self.root)
+            _fault_point("before_latest", step)
             write_latest(self.root, final.name)
             self._apply_retention()
         dist.barrier()
@@ -205,10 +217,15 @@ class Checkpointer:
         """Rank 0 picks (verifying as configured) and tells everyone, so all ranks load the same one."""
         choice = [None]
         if self.ctx.is_main:
-            selected = self._select() if self._select_mode() != "never" else None
-            choice[0] = str(selected) if selected is not None else None
+            try:
+                selected = self._select() if self._select_mode() != "never" else None
+                choice[0] = {"path": str(selected) if selected is not None else None}
+            except CheckpointError as exc:
+                choice[0] = {"error": str(exc)}  # every rank must fail, not wait for rank 0
         dist.broadcast_object_list(choice, src=0)
-        return Path(choice[0]) if choice[0] else None
+        if "error" in choice[0]:
+            raise CheckpointError(choice[0]["error"])
+        return Path(choice[0]["path"]) if choice[0]["path"] else None
 
     def _select_mode(self) -> str:
         return self.cfg.resume if self.cfg.resume in ("auto", "never") else "path"
@@ -218,13 +235,7 @@ class Checkpointer:
             path = Path(self.cfg.resume)
             verify_checkpoint(path, checksums=self.cfg.verify_on_resume)
             return path
-        for candidate in reversed(list_checkpoints(self.root)):
-            try:
-                verify_checkpoint(candidate.path, checksums=self.cfg.verify_on_resume)
-                return candidate.path
-            except CheckpointError as exc:
-                print(f"shardtune: skipping checkpoint: {exc}", file=sys.stderr, flush=True)
-        return None
+        return newest_valid_checkpoint(self.root, checksums=self.cfg.verify_on_resume)
 
     def load(self, path: Path) -> dict:
         """Load model + optimizer into the strategy, this rank's RNG; return the trainer state."""

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +137,14 @@ def resolve_checkpoint(path: Path) -> Path:
     if committed:
         return committed[-1].path
     raise CheckpointError(f"{path}: neither a checkpoint nor a directory of checkpoints")
+
+
+def newest_valid_checkpoint(root: Path, checksums: bool = True) -> Path | None:
+    """The newest committed checkpoint that verifies; each one skipped is reported by name."""
+    for candidate in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(candidate.path, checksums=checksums)
+            return candidate.path
+        except CheckpointError as exc:
+            print(f"shardtune: skipping checkpoint: {exc}", file=sys.stderr, flush=True)
+    return None
