@@ -1,0 +1,86 @@
+"""One rank of the checkpoint benchmark (started by bench/checkpoint.py under torchrun).
+
+Times, on the real Checkpointer: a synchronous save, an asynchronous save (the part the
+training loop is blocked for, and the time until it is committed), a load, and, as the
+baseline, rank 0 writing/reading a full state dict with plain torch.save/torch.load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shardtune.checkpoint.checkpointer import Checkpointer
+from shardtune.config import load_config
+from shardtune.distributed.process_group import init_distributed, shutdown
+from shardtune.train.components import build_run, trainer_state, write_export_extras
+from shardtune.train.loss import token_loss_sum
+
+
+def timed(fn) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    config, mode, out_json, *overrides = sys.argv[1:]
+    cfg = load_config(config, overrides)
+    ctx = init_distributed(600, 600)
+    parts = build_run(cfg, ctx)
+    strategy = parts.strategy
+    # One real step so the optimizer holds its moments, as in any mid-run checkpoint.
+    batch = parts.loader.next_step()[0]
+    strategy.backward(token_loss_sum(strategy.model, batch, ctx.device) * 1e-3, True)
+    strategy.step(1.0, skip=False)
+    ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, ctx, strategy,
+                        extras_writer=lambda d: write_export_extras(d, parts))
+    state = trainer_state(cfg, 1, 0, parts.loader, strategy)
+    results: dict[str, float] = {"world_size": ctx.world_size, "params": parts.num_params}
+
+    if mode == "save":
+        results["sync_save_s"] = timed(lambda: ckpt.save(1, state, blocking=True))
+        blocked = {}
+
+        def async_save():
+            start = time.perf_counter()
+            ckpt.save(2, state)
+            blocked["s"] = time.perf_counter() - start
+            ckpt.wait()
+
+        results["async_total_s"] = timed(async_save)
+        results["async_blocked_s"] = blocked["s"]
+        results["load_s"] = timed(lambda: ckpt.load(cfg.checkpoint_dir / "step-00000002"))
+        if ctx.is_main:
+            path = Path(cfg.output_dir) / "plain.pt"
+            module = strategy.unwrapped
+            plain = {"model": module.state_dict(), "optim": strategy.optimizer.state_dict()}
+            start = time.perf_counter()
+            torch.save(plain, path)
+            os.sync()
+            results["torch_save_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            torch.load(path, weights_only=True)
+            results["torch_load_s"] = time.perf_counter() - start
+            results["checkpoint_bytes"] = sum(
+                f.stat().st_size for f in (cfg.checkpoint_dir / "step-00000002").rglob("*") if f.is_file()
+            )
+    else:  # "reshard": load a checkpoint written by another world size
+        source = Path(os.environ["BENCH_RESHARD_FROM"])
+        results["reshard_load_s"] = timed(lambda: ckpt.load(source))
+    ckpt.close()
+    if ctx.is_main:
+        Path(out_json).write_text(json.dumps(results))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
