@@ -1,0 +1,79 @@
+"""`shardtune plan`: parameter counts, per-strategy state bytes checked against live tensors
+measured in real 2-rank runs, and the recommendation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_env
+from shardtune.plan import KNOWN_ARCHITECTURES, Architecture, estimate, plan_table, state_bytes
+
+DEMO = ROOT / "configs" / "demo-cpu.yaml"
+
+
+def test_parameter_count_matches_a_real_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    values = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**values))
+    assert Architecture.from_mapping(values).params == sum(p.numel() for p in model.parameters())
+
+
+def test_known_architectures_have_their_published_sizes():
+    assert Architecture.from_mapping(KNOWN_ARCHITECTURES["llama-3.1-8b"]).params / 1e9 == pytest.approx(8.03, abs=0.01)
+    assert Architecture.from_mapping(KNOWN_ARCHITECTURES["llama-3.1-70b"]).params / 1e9 == pytest.approx(70.55, abs=0.01)
+
+
+def test_sharding_divides_what_it_should():
+    p = 10**9
+    ddp = sum(state_bytes("ddp", p, 8, bf16=True))
+    assert ddp == 16 * p
+    assert sum(state_bytes("zero3", p, 8, bf16=True)) < sum(state_bytes("zero2", p, 8, bf16=True)) < sum(
+        state_bytes("zero1", p, 8, bf16=True)) < ddp
+    offloaded = state_bytes("zero3", p, 8, bf16=True, offload=True)
+    assert offloaded[2] == 0  # moments and master weights live on the host
+
+
+def test_70b_on_four_nodes_needs_full_sharding():
+    arch = Architecture.from_mapping(KNOWN_ARCHITECTURES["llama-3.1-70b"])
+    rows, best = plan_table(arch, ranks=32, seq_len=4096, gpu_memory_gib=80, bf16=True, checkpointing=True)
+    fits = {r["strategy"]: r["max_micro_batch"] for r in rows}
+    assert fits["ddp"] == fits["zero1"] == fits["zero2"] == 0
+    assert best["strategy"] in ("fsdp", "zero3")
+    e = estimate(arch, "zero3", 32, 1, 4096, True, checkpointing=False)
+    assert e.activations_gib > estimate(arch, "zero3", 32, 1, 4096, True, checkpointing=True).activations_gib * 5
+
+
+def test_plan_command_prints_table_and_recommendation():
+    out = subprocess.run(
+        [sys.executable, "-m", "shardtune", "plan", str(ROOT / "configs" / "llama3-8b-fsdp2-1node.yaml"),
+         "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "80GiB"],
+        capture_output=True, text=True, env=run_env(), cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "8.03B parameters" in out.stdout and "| zero3 |" in out.stdout
+    assert "Recommended:" in out.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
+def test_state_estimate_within_10_percent_of_measured(strategy):
+    # Gradient accumulation 2, so ZeRO-1's unpartitioned gradients are alive between micro-batches.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests" / "helpers" / "measure_states.py"), str(DEMO), f"distributed.strategy={strategy}",
+           "data.synthetic.num_records=500", "train.micro_batch_size=1", "train.global_batch_size=4",
+           "data.seq_len=64"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=300)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2, out.stderr[-3000:]
+    weights, grads, optimizer, _ = state_bytes(strategy, rows[0]["params"], 2, bf16=False)
+    estimated = weights + grads + optimizer
+    for row in rows:
+        assert row["bytes"] == pytest.approx(estimated, rel=0.10), (strategy, row["bytes"] / rows[0]["params"])
