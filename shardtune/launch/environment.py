@@ -50,6 +50,40 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",", 1)[0].split("-", 1)[0]
 
 
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node ``node_id`` from SLURM_TASKS_PER_NODE, e.g. ``2(x3),1`` -> 2, 2, 2, 1."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            raise ValueError(f"cannot parse SLURM_TASKS_PER_NODE={tasks_per_node!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    if not 0 <= node_id < len(counts):
+        raise ValueError(f"SLURM_NODEID={node_id} is outside SLURM_TASKS_PER_NODE={tasks_per_node!r}")
+    return counts[node_id]
+
+
+def _mpi_master_addr(env: Mapping[str, str], local_size_var: str, world_size: int, launcher: str) -> str:
+    """MPI launchers pass no rendezvous address: take it from the user, or derive a safe one.
+
+    Not the first address of ``hostname -I`` (DeepSpeed's guess): on multi-homed nodes that is
+    often an interface the other nodes cannot reach. Where the launcher does not say how many
+    ranks share this node, the ranks are assumed to be local.
+    """
+    if env.get("MASTER_ADDR"):
+        return env["MASTER_ADDR"]
+    local_world = _int(env, local_size_var, default=world_size)
+    if local_world >= world_size:
+        return "127.0.0.1"  # every rank is on this machine
+    if env.get("SLURM_JOB_NODELIST"):
+        # mpirun inside a SLURM allocation places rank 0 on the allocation's first node.
+        return first_slurm_host(env["SLURM_JOB_NODELIST"])
+    raise ValueError(
+        f"{launcher} started ranks on several nodes but MASTER_ADDR is not set: export it to "
+        "the address of rank 0's node, e.g. mpirun -x MASTER_ADDR=node0 -x MASTER_PORT=29500 ..."
+    )
+
+
 def detect_environment(env: Mapping[str, str] | None = None) -> ProcessEnvironment:
     env = os.environ if env is None else env
     port = _int(env, "MASTER_PORT", default=DEFAULT_PORT)
@@ -70,40 +104,52 @@ def detect_environment(env: Mapping[str, str] | None = None) -> ProcessEnvironme
     if "OMPI_COMM_WORLD_RANK" in env:
         local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=1)
         rank = _int(env, "OMPI_COMM_WORLD_RANK")
+        world_size = _int(env, "OMPI_COMM_WORLD_SIZE")
         return ProcessEnvironment(
             kind="openmpi",
             rank=rank,
-            world_size=_int(env, "OMPI_COMM_WORLD_SIZE"),
+            world_size=world_size,
             local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
             local_world_size=local_world,
             node_rank=_int(env, "OMPI_COMM_WORLD_NODE_RANK", default=rank // max(1, local_world)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_addr=_mpi_master_addr(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world_size, "mpirun"),
             master_port=port,
         )
 
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # Under srun, Open MPI's variables are absent (OMPI_COMM_WORLD_RANK is unset even with
+    # --mpi=pmix): SLURM's own describe the rank. The batch script itself also carries
+    # SLURM_PROCID=0 and the job's SLURM_NTASKS but is one process: it has a job id and no step id.
+    in_batch_script = "SLURM_JOB_ID" in env and not ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not in_batch_script:
+        node_rank = _int(env, "SLURM_NODEID", default=0)
+        if env.get("SLURM_TASKS_PER_NODE"):
+            local_world = slurm_tasks_on_node(env["SLURM_TASKS_PER_NODE"], node_rank)
+        else:
+            local_world = _int(env, "SLURM_NTASKS_PER_NODE", default=1)
         return ProcessEnvironment(
             kind="slurm",
             rank=_int(env, "SLURM_PROCID"),
             world_size=_int(env, "SLURM_NTASKS"),
             local_rank=_int(env, "SLURM_LOCALID", default=0),
-            local_world_size=_int(env, "SLURM_NTASKS_PER_NODE", default=1),
-            node_rank=_int(env, "SLURM_NODEID", default=0),
+            local_world_size=local_world,
+            node_rank=node_rank,
             master_addr=env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=port,
         )
 
     if "PMIX_RANK" in env or "PMI_RANK" in env:
-        local_world = _int(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", default=1)
+        local_size_var = "MPI_LOCALNRANKS" if "MPI_LOCALNRANKS" in env else "PMI_LOCAL_SIZE"
+        local_world = _int(env, local_size_var, default=1)
         rank = _int(env, "PMIX_RANK", "PMI_RANK")
+        world_size = _int(env, "PMI_SIZE", "PMIX_SIZE")
         return ProcessEnvironment(
             kind="pmix",
             rank=rank,
-            world_size=_int(env, "PMI_SIZE", "PMIX_SIZE"),
+            world_size=world_size,
             local_rank=_int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK", default=0),
             local_world_size=local_world,
             node_rank=rank // max(1, local_world),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_addr=_mpi_master_addr(env, local_size_var, world_size, "the MPI launcher"),
             master_port=port,
         )
 

@@ -1,0 +1,118 @@
+"""Deliver a stop signal to the trainer processes on this node, and to nothing else.
+
+Signalling a whole SLURM step kills the torchrun agent (SIGUSR1's default action) and any
+helper process without a handler; ``pkill -f`` would also hit other jobs' trainers on a shared
+node. So a process is signalled only if it is a ``shardtune train`` process (not its launcher,
+not a forked child of a trainer), belongs to the given job, and has already installed a handler
+for the signal; one that is still starting up is waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class Trainer:
+    pid: int
+    catches: bool
+
+
+def is_trainer_command(argv: list[str]) -> bool:
+    """``python [opts] -m shardtune train ...`` or the ``shardtune train ...`` console script.
+
+    Only the first ``-m`` counts: a torchrun agent's command line also contains
+    ``-m shardtune train``, but after ``-m torch.distributed.run`` or ``-m shardtune launch``.
+    """
+    if "-m" in argv:
+        i = argv.index("-m")
+        return argv[i + 1 : i + 3] == ["shardtune", "train"]
+    for i, arg in enumerate(argv[:2]):
+        if os.path.basename(arg) == "shardtune":
+            return argv[i + 1 : i + 2] == ["train"]
+    return False
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended, or is not ours to read
+        return None
+
+
+def _argv(pid: int) -> list[str]:
+    raw = _read(PROC / str(pid) / "cmdline") or b""
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _parent(pid: int) -> int:
+    stat = (_read(PROC / str(pid) / "stat") or b"").decode(errors="replace")
+    # The command name in field 2 may contain spaces and parentheses: split after the last ")".
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[1]) if len(fields) > 1 else 0
+
+
+def catches_signal(pid: int, signum: int) -> bool:
+    for line in (_read(PROC / str(pid) / "status") or b"").decode(errors="replace").splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def _environ(pid: int, *names: str) -> tuple[str | None, ...]:
+    found = {}
+    for entry in (_read(PROC / str(pid) / "environ") or b"").split(b"\0"):
+        name, _, value = entry.decode(errors="replace").partition("=")
+        found[name] = value
+    return tuple(found.get(name) for name in names)
+
+
+def _belongs(pid: int, job_id: str | None, node: str | None) -> bool:
+    # The node check matters where several SLURM nodes share one kernel (emulated clusters,
+    # multiple-slurmd setups): there /proc shows the other nodes' trainers too.
+    their_job, their_node = _environ(pid, "SLURM_JOB_ID", "SLURMD_NODENAME")
+    return (job_id is None or their_job == job_id) and (node is None or their_node in (None, node))
+
+
+def find_trainers(signum: int, job_id: str | None, node: str | None = None) -> list[Trainer]:
+    pids = (int(entry.name) for entry in PROC.iterdir() if entry.name.isdigit())
+    candidates = {pid for pid in pids if pid != os.getpid() and is_trainer_command(_argv(pid))}
+    return [
+        Trainer(pid, catches_signal(pid, signum))
+        for pid in sorted(candidates)
+        if _parent(pid) not in candidates and _belongs(pid, job_id, node)
+    ]
+
+
+def signal_trainers(signum: int, job_id: str | None, wait_s: float = 30.0, poll_s: float = 0.5) -> int:
+    """Signal every trainer of ``job_id`` on this node; returns how many were signalled."""
+    deadline = time.monotonic() + wait_s
+    signalled: set[int] = set()
+    host = os.uname().nodename
+    node = os.environ.get("SLURMD_NODENAME")
+    while True:
+        trainers = [t for t in find_trainers(signum, job_id, node) if t.pid not in signalled]
+        for t in trainers:
+            if t.catches:
+                try:
+                    os.kill(t.pid, signum)
+                except ProcessLookupError:  # it finished meanwhile
+                    continue
+                signalled.add(t.pid)
+                print(f"{host}: sent {signal.Signals(signum).name} to trainer pid {t.pid}", flush=True)
+        waiting = [t.pid for t in trainers if not t.catches]
+        if (signalled and not waiting) or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    if waiting:
+        print(f"{host}: trainer pid(s) {waiting} never installed a {signal.Signals(signum).name} handler; "
+              "left running", flush=True)
+    if not signalled and not waiting:
+        print(f"{host}: no shardtune trainer of job {job_id or '(any)'} found", flush=True)
+    return len(signalled)
