@@ -106,6 +106,9 @@ class DataSection(_Section):
     prepare: PrepareSection = PrepareSection()
     seq_len: int = Field(256, ge=8)
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    # In-memory sources only (synthetic, jsonl): the hash-split share held out as the test
+    # split, evaluated once at the end with the best checkpoint. Prepared data has its own.
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     synthetic: SyntheticDataSection = SyntheticDataSection()
 
     @model_validator(mode="after")
@@ -114,6 +117,8 @@ class DataSection(_Section):
             raise ValueError("data.source=jsonl needs data.path")
         if self.source == "prepared" and not self.prepared_dir:
             raise ValueError("data.source=prepared needs data.prepared_dir")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ValueError("data.validation_fraction + data.test_fraction must be below 1")
         return self
 
 
@@ -197,10 +202,62 @@ class CheckpointSection(_Section):
     verify_on_resume: bool = True
     # SIGUSR1 / SIGTERM: every rank saves at the next step boundary and exits with code 75.
     save_on_signal: bool = True
+    # A failed save (disk full, ...) never leaves a partial checkpoint; then go on or stop.
+    on_save_error: Literal["continue", "stop"] = "continue"
+
+
+class LoraSection(_Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Module-name suffixes that get adapters; None = the attention projections of the model
+    # family (q/k/v/o for Llama-likes, query/key/value for BERT-likes).
+    target_modules: list[str] | None = None
+    # ``shardtune ckpt export``: merge the adapters into the weights (a plain HF model), or
+    # write the adapters alone (PEFT's adapter_model.safetensors + adapter_config.json).
+    export: Literal["merged", "adapters"] = "merged"
+
+
+class FinetuneSection(_Section):
+    """How a pre-trained model is specialised (applied before the parallel strategy wraps it)."""
+
+    # full: every weight trains. frozen_head: the pre-trained base is frozen, the task head
+    # (classification head / LM head) and the last ``train_last_blocks`` blocks train.
+    # lora: PEFT adapters on ``lora.target_modules`` plus the task head.
+    strategy: Literal["full", "frozen_head", "lora"] = "full"
+    train_last_blocks: int = Field(0, ge=0)  # frozen_head: also train the top k blocks
+    train_head: bool = True  # frozen_head / lora: the head (new layers) trains
+    lora: LoraSection = LoraSection()
+    # Discriminative learning rates: head_lr for new/task layers (default: train.lr); the
+    # pre-trained top block gets train.lr and each block further down x layer_decay.
+    head_lr: float | None = Field(None, gt=0)
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # overrides every dropout rate of the model config
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class EvalSection(_Section):
+    # Evaluate the validation split every n optimizer steps (plus before step 1 and at the
+    # end). None = only before and after training.
+    every: int | None = Field(None, ge=1)
+    batches: int | None = Field(None, ge=1)  # cap per evaluation (default train.eval_batches / all)
+    # The metric that decides "best" and early stopping. auto: loss for causal_lm, f1_macro
+    # for classification. Any logged val/* metric name works (accuracy, perplexity, ...).
+    metric: str = "auto"
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: min for loss/perplexity, else max
+    patience: int | None = Field(None, ge=1)  # stop after this many evaluations without improvement
+    min_delta: float = Field(0.0, ge=0.0)
+    # Save a checkpoint whenever the metric improves (kept by retention) and evaluate the
+    # test split once at the end with it.
+    save_best: bool = True
+    test_at_end: bool = True
 
 
 class RunConfig(_Section):
     run: RunSection = RunSection()
+    # causal_lm: next-token loss on packed sequences. classification: one label per text,
+    # AutoModelForSequenceClassification with num_labels from the data.
+    task: Literal["causal_lm", "classification"] = "causal_lm"
     model: ModelSection
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()
@@ -208,6 +265,30 @@ class RunConfig(_Section):
     distributed: DistributedSection = DistributedSection()
     metrics: MetricsSection = MetricsSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    finetune: FinetuneSection = FinetuneSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _finetune_fits(self) -> RunConfig:
+        ft = self.finetune
+        if ft.strategy == "frozen_head" and not ft.train_head and ft.train_last_blocks == 0:
+            raise ValueError("finetune.strategy=frozen_head with train_head=false and "
+                             "train_last_blocks=0 would train nothing")
+        if self.eval.patience is not None and self.eval.every is None:
+            raise ValueError("eval.patience (early stopping) needs eval.every")
+        return self
+
+    @property
+    def eval_metric(self) -> str:
+        if self.eval.metric != "auto":
+            return self.eval.metric
+        return "f1_macro" if self.task == "classification" else "loss"
+
+    @property
+    def eval_mode(self) -> str:
+        if self.eval.mode != "auto":
+            return self.eval.mode
+        return "min" if self.eval_metric in ("loss", "perplexity") else "max"
 
     @property
     def output_dir(self) -> Path:

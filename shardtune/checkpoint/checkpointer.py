@@ -20,13 +20,16 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from shardtune.checkpoint.manifest import (
     FORMAT_VERSION,
@@ -90,6 +93,28 @@ def logical_shapes(directory: Path) -> dict[str, list[int]]:
     }
 
 
+# DCP reports write failures as CheckpointException, which derives from BaseException.
+SAVE_ERRORS = (Exception, CheckpointException)
+
+
+def _describe_error(exc: BaseException) -> str:
+    """One line per distinct cause; DCP wraps every rank's own error in ``failures``."""
+    causes = getattr(exc, "failures", None) or {None: exc}
+    lines = []
+    for cause in causes.values():
+        if isinstance(cause, tuple):  # (exception, traceback frames)
+            cause = cause[0]
+        text = str(cause).strip().splitlines()
+        line = f"{type(cause).__name__}: {text[0] if text else ''}"
+        if line not in lines:
+            lines.append(line)
+    return " / ".join(lines)
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed on some rank and ``checkpoint.on_save_error`` is ``stop``."""
+
+
 class Checkpointer:
     def __init__(self, cfg, root: Path, ctx, strategy, *, extras_writer=None):
         self.cfg = cfg
@@ -102,6 +127,9 @@ class Checkpointer:
         self.io_group = dist.new_group(backend="gloo")
         self.pending = None
         self.last_blocking_s = 0.0
+        self.failed_saves = 0
+        self.last_saved_step: int | None = None
+        self.pinned: set[int] = set()  # steps retention never deletes (the best evaluation)
         if ctx.is_main:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob(".tmp-step-*"):
@@ -118,6 +146,7 @@ class Checkpointer:
         """Stage this step's state and write it; commit now (blocking) or when ``poll`` sees it done."""
         start = time.perf_counter()
         self.wait()  # one save in flight at a time; the previous must commit first
+        self.last_saved_step = step
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if self.ctx.is_main:
@@ -131,8 +160,13 @@ class Checkpointer:
         snapshot = {"trainer": trainer_state, "rng": rng_state()}
         writer = FileSystemWriter(str(tmp), sync_files=True)
         if blocking or not self.cfg.async_save:
-            dcp.save(state, storage_writer=writer, process_group=self.io_group)
-            self.pending = (None, step, tmp, final, snapshot)
+            outcome: Future = Future()
+            try:
+                dcp.save(state, storage_writer=writer, process_group=self.io_group)
+                outcome.set_result(None)
+            except SAVE_ERRORS as exc:  # disk full, permissions, a peer's write error
+                outcome.set_exception(exc)
+            self.pending = (outcome, step, tmp, final, snapshot)
             self.last_blocking_s = time.perf_counter() - start
             self._commit()
         else:
@@ -152,34 +186,64 @@ class Checkpointer:
 
     def wait(self) -> None:
         if self.pending is not None:
-            future = self.pending[0]
-            if future is not None:
-                future.result()
             self._commit()
 
     def _commit(self) -> None:
+        """Finish the in-flight save on every rank; a failure anywhere fails it everywhere."""
         future, step, tmp, final, snapshot = self.pending
         self.pending = None
-        if future is not None:
-            future.result()  # re-raises a background write error on this rank
         rank = self.ctx.rank
-        rng_file = f"rng/rank-{rank:05d}.json"
-        (tmp / "rng").mkdir(exist_ok=True)
-        write_json_atomic(tmp / rng_file, snapshot["rng"])
-        mine = [rng_file] + sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp"))
-        _fault_point("after_write", step)
-        described = describe_files(tmp, mine)
+        described, error = None, None
+        try:
+            future.result()  # re-raises this rank's write error
+            rng_file = f"rng/rank-{rank:05d}.json"
+            (tmp / "rng").mkdir(exist_ok=True)
+            write_json_atomic(tmp / rng_file, snapshot["rng"])
+            mine = [rng_file] + sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp"))
+            _fault_point("after_write", step)
+            described = describe_files(tmp, mine)
+        except SAVE_ERRORS as exc:
+            error = f"rank {rank}: {_describe_error(exc)}"
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
-        dist.gather_object(described, gathered, dst=0)
+        dist.gather_object((described, error), gathered, dst=0)
+        errors = [None]
         if self.ctx.is_main:
-            self._write_rank0_files(tmp, step, snapshot, gathered)
-            _fault_point("before_rename", step)
-            tmp.rename(final)
-            fsync_path(self.root)
-            _fault_point("before_latest", step)
-            write_latest(self.root, final.name)
-            self._apply_retention()
-        dist.barrier()
+            errors[0] = [e for _, e in gathered if e]
+            if not errors[0]:
+                try:
+                    self._write_rank0_files(tmp, step, snapshot, [d for d, _ in gathered])
+                    _fault_point("before_rename", step)
+                    tmp.rename(final)
+                    fsync_path(self.root)
+                    _fault_point("before_latest", step)
+                    write_latest(self.root, final.name)
+                    self._apply_retention()
+                except OSError as exc:
+                    errors[0] = [f"rank 0: {type(exc).__name__}: {exc}"]
+            if errors[0]:
+                shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
+        dist.broadcast_object_list(errors, src=0)
+        if errors[0]:
+            self._save_failed(step, errors[0])
+
+    def _save_failed(self, step: int, errors: list[str]) -> None:
+        # A full disk often surfaces as a short write inside torch.save ("unexpected pos"),
+        # not as ENOSPC: the free space is the fact that explains it.
+        free_mib = shutil.disk_usage(self.root).free / 2**20
+        message = (
+            f"checkpoint at step {step} failed ({'; '.join(errors)}; {free_mib:.1f} MiB free on "
+            f"{self.root}); the previous checkpoint is kept: {self.newest_committed() or 'none'}"
+        )
+        if self.cfg.on_save_error == "stop":
+            raise CheckpointSaveError(message)
+        self.failed_saves += 1
+        if self.ctx.is_main:
+            print(f"shardtune: {message}; training continues (checkpoint.on_save_error=continue)",
+                  file=sys.stderr, flush=True)
+
+    def newest_committed(self) -> str | None:
+        committed = list_checkpoints(self.root)
+        return committed[-1].path.name if committed else None
 
     def _write_rank0_files(self, tmp: Path, step: int, snapshot: dict, gathered: list[dict]) -> None:
         write_json_atomic(tmp / TRAINER_STATE, snapshot["trainer"])
@@ -204,7 +268,7 @@ class Checkpointer:
 
     def _apply_retention(self) -> None:
         committed = list_checkpoints(self.root)
-        keep = {c.step for c in committed[-self.cfg.keep_last:]}
+        keep = {c.step for c in committed[-self.cfg.keep_last:]} | self.pinned
         if self.cfg.keep_every:
             keep |= {c.step for c in committed if c.step % self.cfg.keep_every == 0}
         for c in committed:
