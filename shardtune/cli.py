@@ -1,4 +1,4 @@
-"""Command line: ``shardtune train|launch|slurm submit|config show|data prepare``."""
+"""Command line: ``shardtune train|launch|sweep|eval|report|slurm submit|config show|data prepare|ckpt``."""
 
 from __future__ import annotations
 
@@ -41,9 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_slurm_parser(sub)
 
+    p_plan = sub.add_parser("plan", help="estimate per-rank memory for every strategy and recommend one")
+    _add_config_args(p_plan)
+    p_plan.add_argument("--nodes", type=int, default=1)
+    p_plan.add_argument("--gpus-per-node", type=int, default=8)
+    p_plan.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, e.g. 80GiB")
+
     from shardtune.checkpoint.commands import add_parser as add_ckpt_parser
 
     add_ckpt_parser(sub)
+
+    p_sweep = sub.add_parser(
+        "sweep", help="run a grid of configs in turn and write a comparison table",
+        description="shardtune sweep CONFIG --grid finetune.strategy=full,frozen_head,lora "
+        "--grid train.lr=1e-5,3e-5 [key=value ...]: runs every combination with `shardtune launch` "
+        "(locally, one after another) and writes sweep.md and sweep.csv (validation/test metrics vs "
+        "the baseline, steps, wall time, trainable parameters).",
+    )
+    _add_config_args(p_sweep)
+    p_sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                         help="a config key and its values; repeat for a cartesian product")
+    p_sweep.add_argument("--nproc", type=int, default=1, help="ranks per run")
+    p_sweep.add_argument("--port", type=int, default=29500)
+    p_sweep.add_argument("--out", help="sweep directory (default: <runs>/<run.name>-sweep)")
+
+    p_eval = sub.add_parser(
+        "eval", help="evaluate a checkpoint or Hugging Face directory on a split",
+        description="shardtune eval CHECKPOINT_OR_HF_DIR [CONFIG] [key=value ...] --split test: one "
+        "process; the data comes from the config (default: the run config stored in the checkpoint).",
+    )
+    p_eval.add_argument("path", help="a checkpoint (step-N or a checkpoints dir: latest) or an HF model dir")
+    p_eval.add_argument("config", nargs="?", default=None, help="run config (default: the checkpoint's own)")
+    p_eval.add_argument("overrides", nargs="*")
+    p_eval.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p_eval.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+
+    p_report = sub.add_parser("report", help="(re)write report.md and its plots for a run directory")
+    p_report.add_argument("run_dir")
 
     p_config = sub.add_parser("config", help="inspect configs")
     config_sub = p_config.add_subparsers(dest="config_command", required=True)
@@ -149,6 +183,28 @@ def main(argv: list[str] | None = None) -> int:
         from shardtune.data.prepare import run_prepare_command
 
         return run_prepare_command(args, extra, parser)
+    if args.command == "report":
+        from shardtune.eval.report import write_report
+
+        print(write_report(args.run_dir))
+        return 0
+    if args.command == "eval":
+        from shardtune.eval.standalone import run_eval_command
+
+        return run_eval_command(args, extra)
+    if args.command == "sweep":
+        from shardtune.sweep import run_sweep
+
+        stray = [a for a in extra if "=" not in a or a.startswith("-")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        config_path, overrides = _split_config_and_overrides(args)
+        try:
+            run_sweep(config_path, args.grid, [*overrides, *extra], nproc=args.nproc, out=args.out, port=args.port)
+        except ConfigError as exc:
+            print(f"shardtune: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "slurm" and args.slurm_command == "signal-trainers":
         import signal
 
@@ -166,6 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shardtune: {exc}", file=sys.stderr)
         return 2
+
+    if args.command == "plan":
+        from shardtune.plan import run_plan
+
+        try:
+            print(run_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_memory))
+        except ValueError as exc:
+            print(f"shardtune: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     if args.command == "config":
         print(dump_config(cfg), end="")
@@ -191,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_torchrun(cmd, extra_env)
 
     from shardtune.checkpoint.manifest import CheckpointError
+    from shardtune.checkpoint.safe_io import UnsafeCheckpointError
+    from shardtune.data.corpus import DataError
+    from shardtune.data.shards import ShardError
     from shardtune.train.loop import NonFiniteLossError, train
     from shardtune.train.signals import PREEMPTED_EXIT_CODE, Preempted
 
@@ -202,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as exc:
         print(f"shardtune: {exc}; rerun the same command to resume", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except CheckpointError as exc:
+    except (CheckpointError, UnsafeCheckpointError) as exc:
         print(f"shardtune: checkpoint error: {exc}", file=sys.stderr)
         return 4
+    except (DataError, ShardError) as exc:
+        print(f"shardtune: data error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -177,7 +177,29 @@ class DistributedSection(_Section):
             raise ValueError(
                 f"distributed.deepspeed is only used by zero1/zero2/zero3, not {self.strategy!r}"
             )
+        # Keys shardtune derives from its own config: two sources of truth would disagree.
+        for ds_key, ours in _DERIVED_DEEPSPEED_KEYS.items():
+            if ds_key in self.deepspeed:
+                raise ValueError(f"distributed.deepspeed.{ds_key} is derived from {ours}; set that instead")
+        stage = self.deepspeed.get("zero_optimization", {}).get("stage")
+        if stage is not None and self.strategy.startswith("zero") and f"zero{stage}" != self.strategy:
+            raise ValueError(
+                f"distributed.deepspeed.zero_optimization.stage={stage} contradicts "
+                f"distributed.strategy={self.strategy}"
+            )
         return self
+
+
+_DERIVED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x ranks)",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16": "distributed.precision",
+    "fp16": "distributed.precision",
+    "optimizer": "train.lr / train.betas / train.weight_decay (shardtune builds the optimizer)",
+    "scheduler": "train.schedule / train.warmup_steps",
+}
 
 
 class MetricsSection(_Section):
