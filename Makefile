@@ -14,7 +14,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 # DeepSpeed JIT-compiles its CPU ops here once; tests and the demo reuse the cache.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo demo-classify test test-fast cluster-test bench lint install warm clean
+.PHONY: demo demo-classify test test-fast cluster-test faults bench lint install warm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ test: warm
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not distributed and not cluster" tests
+
+# Fault injection: killed ranks, kills during saves, corruption, signals, stalls, NaNs, a full
+# disk, bad inputs; prints the reliability table (scenario, trials, survived, data lost).
+faults: warm
+	SHARDTUNE_FAULT_TABLE=1 $(PY) -m pytest -q -p no:cacheprovider tests/faults tests/test_checkpoint.py \
+	  tests/test_preemption.py tests/test_nonfinite.py -k "kill or corrupt or signal or stall or nan or disk or bad or cli_reports"
 
 # Real SLURM, Open MPI and multi-node torchrun on network-namespace nodes (root; ~4 min).
 cluster-test: $(STAMP)

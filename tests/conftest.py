@@ -52,12 +52,14 @@ class RunOutput:
 def run_shardtune(
     out_dir: Path, *overrides: str, nproc: int = 1, config: Path = TINY,
     env: dict[str, str] | None = None, timeout: float = 300, expect_ok: bool = True,
+    launch_args: list[str] = (),
 ) -> RunOutput:
     overrides = (f"run.output_dir={out_dir}", *overrides)
-    if nproc == 1:
+    if nproc == 1 and not launch_args:
         cmd = [sys.executable, "-m", "shardtune", "train", str(config), *overrides]
     else:
-        cmd = [sys.executable, "-m", "shardtune", "launch", str(config), "--nproc", str(nproc), *overrides]
+        cmd = [sys.executable, "-m", "shardtune", "launch", str(config), "--nproc", str(nproc),
+               *launch_args, *overrides]
     proc = subprocess.run(
         cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout
     )
@@ -76,3 +78,42 @@ def run_shardtune(
 def single_process_reference(tmp_path_factory) -> RunOutput:
     """The ground truth every strategy is compared with: one process, no sharding."""
     return run_shardtune(tmp_path_factory.mktemp("reference"), "distributed.strategy=ddp")
+
+
+# ---- `make faults`: the reliability table --------------------------------------------------
+# Each fault scenario's tests compare the recovered run with an uninterrupted one (identical
+# losses step by step, so no sample was lost or repeated), or assert the bounded, named error.
+FAULT_SCENARIOS = {
+    "test_kill_during_save": "kill -9 during a checkpoint save",
+    "test_worker_killed": "kill -9 of one rank (torchrun restart + resume)",
+    "test_corrupt_or_truncated": "corrupt / truncated checkpoint file",
+    "test_signal_checkpoints": "preemption signal (SIGUSR1/SIGTERM)",
+    "test_stalled_rank": "stalled rank inside a collective",
+    "test_nan_on_one_rank": "NaN/Inf on one rank",
+    "test_disk_full": "disk full during save",
+    "test_bad_config": "bad config",
+    "test_bad_record": "bad data record",
+    "test_cli_reports": "bad command line / missing file",
+}
+_fault_results: dict[str, list[tuple[bool, float]]] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call":
+        return
+    name = report.nodeid.split("::")[-1]
+    for prefix, scenario in FAULT_SCENARIOS.items():
+        if name.startswith(prefix):
+            _fault_results.setdefault(scenario, []).append((report.passed, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not os.environ.get("SHARDTUNE_FAULT_TABLE") or not _fault_results:
+        return
+    lines = ["", "| scenario | trials | survived | data lost | time per trial (s) |", "|---|---|---|---|---|"]
+    for scenario, results in _fault_results.items():
+        survived = sum(ok for ok, _ in results)
+        lost = 0 if survived == len(results) else f"{len(results) - survived} failed: see above"
+        mean = sum(d for _, d in results) / len(results)
+        lines.append(f"| {scenario} | {len(results)} | {survived} | {lost} | {mean:.1f} |")
+    terminalreporter.write_line("\n".join(lines))

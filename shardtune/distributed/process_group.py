@@ -100,11 +100,13 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
     # Destroying the group before interpreter exit avoids gloo's sporadic
-    # "terminate called without an active exception" abort during teardown.
+    # "terminate called without an active exception" abort during teardown. After a failure
+    # the peers may be gone: a final barrier would only wait out another timeout.
     if dist.is_initialized():
         try:
-            dist.barrier()
+            if clean:
+                dist.barrier()
         finally:
             dist.destroy_process_group()

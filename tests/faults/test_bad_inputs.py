@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, TINY, run_env
+
 from shardtune.config import ConfigError, PrepareSection, load_config
 from shardtune.data.corpus import DataError
 from shardtune.data.prepare import prepare_dataset
