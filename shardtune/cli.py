@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     from shardtune.checkpoint.safe_io import UnsafeCheckpointError
     from shardtune.data.corpus import DataError
     from shardtune.data.shards import ShardError
+    from shardtune.distributed.watchdog import CollectiveTimeoutError
     from shardtune.train.loop import NonFiniteLossError, train
     from shardtune.train.signals import PREEMPTED_EXIT_CODE, Preempted
 
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ShardError) as exc:
         print(f"shardtune: data error: {exc}", file=sys.stderr)
         return 2
+    except CollectiveTimeoutError as exc:
+        print(f"shardtune: {exc}", file=sys.stderr)
+        return 5
     return 0
 
 

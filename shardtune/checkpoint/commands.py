@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     p_export.add_argument("path", type=Path)
     p_export.add_argument("out", type=Path)
     p_export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p_export.add_argument("--lora", choices=["merged", "adapters"],
+                          help="LoRA runs: merge adapters into the weights or write adapters only "
+                          "(default: finetune.lora.export of the run)")
 
 
 def _human(n: float) -> str:
@@ -107,8 +110,9 @@ def _export(args) -> int:
 
     path = resolve_checkpoint(args.path)
     verify_checkpoint(path, checksums=True)
-    out = export_hf(path, args.out, dtype=args.dtype)
-    print(f"exported {path} -> {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    adapters = None if args.lora is None else args.lora == "adapters"
+    out = export_hf(path, args.out, dtype=args.dtype, adapters_only=adapters)
+    print(f"exported {path} -> {out} (load with from_pretrained({str(out)!r}))")
     return 0
 
 

@@ -37,32 +37,74 @@ def _saved_dtypes(path: Path) -> dict[str, torch.dtype]:
     }
 
 
-def export_hf(path: Path, out: Path, dtype: str = "float32") -> Path:
-    """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads: safetensors,
-    config.json (with the KV cache re-enabled for generation) and the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_finetune_metadata(path: Path) -> dict:
+    """finetune.json of a checkpoint (task, labels, LoRA settings); causal-LM full fine-tuning if absent."""
+    meta_file = path / "finetune.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return {"task": "causal_lm", "strategy": "full", "lora": None, "label_names": None, **meta}
+
+
+def export_hf(path: Path, out: Path, dtype: str = "float32", adapters_only: bool | None = None) -> Path:
+    """Write a directory that ``AutoModelForCausalLM`` (or ``...ForSequenceClassification``)
+    ``.from_pretrained`` loads: safetensors, config.json (with the KV cache re-enabled for
+    generation) and the tokenizer. LoRA checkpoints are merged into plain weights, unless
+    ``adapters_only`` (default: the run's ``finetune.lora.export``) writes PEFT adapters."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config_file = path / "model_config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no model_config.json; cannot rebuild the model for export")
+    meta = read_finetune_metadata(path)
+    auto = AutoModelForSequenceClassification if meta["task"] == "classification" else AutoModelForCausalLM
     config_dict = json.loads(config_file.read_text())
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     config.use_cache = True  # training disabled it for packed sequences; generation wants it
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    lora = meta.get("lora") if meta.get("strategy") == "lora" else None
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(auto.from_config(config), LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"],
+        ))
+        assign = False
+    else:
+        with torch.device("meta"):
+            model = auto.from_config(config)
+        assign = True
     weights = load_logical_tensors(path, "model.")
     expected = set(model.state_dict())
     missing = sorted(expected - set(weights))
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks model tensor {missing[0]!r} ({len(missing)} missing)")
     target = getattr(torch, dtype)
-    model.load_state_dict({k: v.to(target) for k, v in weights.items() if k in expected}, assign=True, strict=True)
-    model.tie_weights()
+    model.load_state_dict({k: v.to(target) for k, v in weights.items() if k in expected}, assign=assign, strict=True)
     out.mkdir(parents=True, exist_ok=True)
+    if lora:
+        if adapters_only if adapters_only is not None else lora.get("export") == "adapters":
+            base = config_dict.get("_name_or_path") or None
+            model.peft_config["default"].base_model_name_or_path = base
+            model.save_pretrained(str(out))  # adapter_model.safetensors + adapter_config.json
+            # The trained head (new for classification) is not a LoRA module: PEFT's adapter
+            # file does not hold it, so it goes next to it, in the base model's names.
+            head = {k.removeprefix("base_model.model."): v.contiguous() for k, v in weights.items()
+                    if k in meta.get("head", [])}
+            if head:
+                from safetensors.torch import save_file
+
+                save_file(head, str(out / "head.safetensors"))
+            _copy_tokenizer(path, out)
+            return out
+        model = model.merge_and_unload()
+    model.to(target)
+    model.tie_weights()
     model.save_pretrained(str(out), safe_serialization=True)
+    _copy_tokenizer(path, out)
+    return out
+
+
+def _copy_tokenizer(path: Path, out: Path) -> None:
     tokenizer_dir = path / "tokenizer"
     if tokenizer_dir.is_dir():
         for item in tokenizer_dir.iterdir():
             shutil.copy2(item, out / item.name)
-    return out

@@ -51,9 +51,25 @@ def record_text(record: dict[str, str]) -> str:
     return record["prompt"] + "\n" + record["completion"]
 
 
-def in_validation(record: dict[str, str], fraction: float) -> bool:
+def _split_position(record: dict[str, str]) -> float:
     digest = hashlib.blake2b(record_text(record).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def in_validation(record: dict[str, str], fraction: float) -> bool:
+    return _split_position(record) < fraction
+
+
+def split_records(records: list[dict], validation_fraction: float, test_fraction: float = 0.0):
+    """(train, validation, test) by content hash: [0, v) validation, [v, v+t) test, rest train.
+
+    With ``test_fraction=0`` the split is exactly the historical train/validation one.
+    """
+    out: tuple[list, list, list] = ([], [], [])
+    for r in records:
+        u = _split_position(r)
+        out[1 if u < validation_fraction else 2 if u < validation_fraction + test_fraction else 0].append(r)
+    return out
 
 
 def tokenize_records(records: list[dict[str, str]], tokenizer) -> TokenizedCorpus:
@@ -82,8 +98,12 @@ class InMemorySource:
         return PackedEpoch(self.corpus, self.seq_len, self.seed, epoch)
 
 
-def load_records(cfg: DataSection, seed: int) -> list[dict[str, str]]:
+def load_records(cfg: DataSection, seed: int, task: str = "causal_lm") -> list[dict[str, str]]:
     if cfg.source == "synthetic":
+        if task == "classification":
+            from shardtune.data.labelled import generate_labelled_records
+
+            return generate_labelled_records(cfg.synthetic.num_records, seed)
         return generate_records(cfg.synthetic.num_records, seed)
     if cfg.source == "prepared":
         # Reached when the run would train its own tokenizer: prepared shards need the one they were made with.
@@ -110,8 +130,7 @@ def build_sources(cfg: DataSection, tokenizer, seed: int) -> tuple[InMemorySourc
     if cfg.source == "prepared":
         return build_prepared_sources(cfg, tokenizer, seed)
     records = load_records(cfg, seed)
-    train = [r for r in records if not in_validation(r, cfg.validation_fraction)]
-    val = [r for r in records if in_validation(r, cfg.validation_fraction)]
+    train, val, _ = split_records(records, cfg.validation_fraction, cfg.test_fraction)
     if not train:
         raise DataError("no training records left after the validation split")
     train_src = InMemorySource(tokenize_records(train, tokenizer), cfg.seq_len, seed)

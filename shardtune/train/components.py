@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 from dataclasses import dataclass
@@ -10,24 +11,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shardtune.config import RunConfig
-from shardtune.data.corpus import InMemorySource, build_sources, load_records, record_text
+from shardtune.config import RunConfig, dump_config
+from shardtune.data.corpus import load_records, record_text
+from shardtune.data.datasets import Datasets, build_datasets
 from shardtune.data.loader import GlobalBatchLoader
 from shardtune.distributed.process_group import DistContext, seed_everything
 from shardtune.distributed.strategies import Strategy, build_strategy
+from shardtune.train.finetune import FinetunePlan, apply_finetuning
 from shardtune.train.model import build_model, count_parameters, load_tokenizer, train_tokenizer
+from shardtune.train.tasks import build_task
 
 
 @dataclass
 class RunParts:
     tokenizer: object
-    train_source: InMemorySource
-    val_source: InMemorySource
+    train_source: object
+    val_source: object
     loader: GlobalBatchLoader
     strategy: Strategy
     total_steps: int
     num_params: int
     model_config: object
+    task: object = None  # tasks.CausalLMTask | tasks.ClassificationTask
+    data: Datasets | None = None
+    plan: FinetunePlan | None = None
 
 
 def prepare_tokenizer(cfg: RunConfig, ctx: DistContext):
@@ -35,7 +42,7 @@ def prepare_tokenizer(cfg: RunConfig, ctx: DistContext):
         return load_tokenizer(cfg.tokenizer, cfg.model.trust_remote_code)
     saved = cfg.output_dir / "tokenizer"
     if ctx.is_main:
-        texts = (record_text(r) for r in load_records(cfg.data, cfg.run.seed))
+        texts = (record_text(r) for r in load_records(cfg.data, cfg.run.seed, cfg.task))
         train_tokenizer(texts, cfg.tokenizer.vocab_size, saved)
     # Rank 0 trains once and the rest load the saved files, so every rank has the same vocabulary.
     dist.barrier()
@@ -58,9 +65,12 @@ def total_optimizer_steps(cfg: RunConfig, loader: GlobalBatchLoader) -> int:
 def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(cfg, ctx)
-    train_source, val_source = build_sources(cfg.data, tokenizer, cfg.run.seed)
+    data = build_datasets(cfg, tokenizer)
+    if ctx.is_main:
+        (cfg.output_dir / "config.yaml").write_text(dump_config(cfg))
+        (cfg.output_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=1))
     loader = GlobalBatchLoader(
-        train_source,
+        data.train,
         global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size,
         rank=ctx.rank,
@@ -70,21 +80,29 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
     total_steps = total_optimizer_steps(cfg, loader)
     strategy = build_strategy(cfg, ctx)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, tokenizer)
-    num_params, _ = count_parameters(model)  # before sharding hides the full shapes
+    torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
+    model = build_model(
+        cfg.model, tokenizer, task=cfg.task, label_names=data.label_names, dropout=cfg.finetune.dropout
+    )
     model_config = model.config
+    # The one place the fine-tuning strategy is applied: before any parallel wrapping.
+    model, plan = apply_finetuning(model, cfg.finetune, cfg.train.lr)
+    num_params, _ = count_parameters(model)  # before sharding hides the full shapes
+    strategy.lr_scales = plan.lr_scales
     strategy.setup(model, total_steps)
     seed_everything(cfg.run.seed, ctx.rank)
     return RunParts(
         tokenizer=tokenizer,
-        train_source=train_source,
-        val_source=val_source,
+        train_source=data.train,
+        val_source=data.validation,
         loader=loader,
         strategy=strategy,
         total_steps=total_steps,
         num_params=num_params,
         model_config=model_config,
+        task=build_task(cfg, data.num_labels),
+        data=data,
+        plan=plan,
     )
 
 
@@ -108,11 +126,30 @@ def trainer_state(cfg: RunConfig, step: int, tokens_seen: int, loader: GlobalBat
     }
 
 
+FINETUNE_FILE = "finetune.json"
+
+
+def finetune_metadata(parts: RunParts) -> dict:
+    """What export and ``shardtune eval`` need to rebuild the trained model from a checkpoint."""
+    cfg = parts.strategy.cfg
+    return {
+        "task": cfg.task,
+        "label_names": parts.data.label_names if parts.data else None,
+        "strategy": cfg.finetune.strategy,
+        "lora": {**cfg.finetune.lora.model_dump(), "target_modules": parts.plan.lora_targets}
+        if cfg.finetune.strategy == "lora" else None,
+        "seq_len": cfg.data.seq_len,
+        # Trained parameters outside the adapters (the task head), by checkpoint name.
+        "head": [n for n in parts.plan.head if n in parts.plan.lr_scales] if parts.plan else [],
+    }
+
+
 def write_export_extras(directory: Path, parts: RunParts) -> list[str]:
     """Rank 0 stores what ``shardtune ckpt export`` needs to rebuild a Hugging Face model."""
     (directory / "model_config.json").write_text(parts.model_config.to_json_string())
+    (directory / FINETUNE_FILE).write_text(json.dumps(finetune_metadata(parts), indent=1))
     tokenizer_dir = directory / "tokenizer"
     parts.tokenizer.save_pretrained(str(tokenizer_dir))
-    files = ["model_config.json"]
+    files = ["model_config.json", FINETUNE_FILE]
     files += sorted(str(p.relative_to(directory)) for p in tokenizer_dir.rglob("*") if p.is_file())
     return files

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from shardtune.checkpoint.checkpointer import Checkpointer
+from shardtune.checkpoint.manifest import step_dir_name
 from shardtune.config import RunConfig
 from shardtune.distributed.process_group import init_distributed, shutdown
-from shardtune.eval.loss import evaluate_loss
+from shardtune.distributed.watchdog import explain_collective_failure, mark_progress
+from shardtune.eval.tracker import EvalTracker
 from shardtune.train.components import build_run, tensorboard_hint, trainer_state, write_export_extras
-from shardtune.train.optim import restore_scheduler
-from shardtune.train.loss import count_loss_tokens, token_loss_sum
 from shardtune.train.metrics import (
     MetricsLogger,
     all_reduce_sum,
@@ -32,6 +32,8 @@ from shardtune.train.metrics import (
     peak_flops_per_rank,
     peak_memory_mib,
 )
+from shardtune.train.optim import restore_scheduler
+from shardtune.train import faults
 from shardtune.train.signals import Preempted, StopRequest
 
 
@@ -51,20 +53,38 @@ class TrainResult:
     stopped_reason: str = "completed"
     resumed_from: str | None = None
     log_dir: str = ""
-
-
-def _injected_fault(step: int, rank: int) -> bool:
-    """Fault injection for tests: SHARDTUNE_FAULT_NONFINITE='step:rank[,step:rank...]'."""
-    spec = os.environ.get("SHARDTUNE_FAULT_NONFINITE")
-    return bool(spec) and f"{step}:{rank}" in spec.split(",")
+    task: str = "causal_lm"
+    finetune: str = "full"
+    total_params: int = 0
+    trainable_params: int = 0
+    wall_seconds: float = math.nan
+    eval_metric: str = "loss"
+    baseline: dict | None = None  # validation metrics before step 1 (scalars)
+    final: dict | None = None  # validation metrics at the last step
+    best: dict | None = None
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    test: dict | None = None  # test split, evaluated once with the best checkpoint
 
 
 def train(cfg: RunConfig) -> TrainResult:
     ctx = init_distributed(cfg.distributed.init_timeout_s, cfg.distributed.collective_timeout_s)
+    clean = False
     try:
-        return _train(cfg, ctx)
+        result = _train(cfg, ctx)
+        clean = True
+        return result
+    except (NonFiniteLossError, Preempted):
+        clean = True  # every rank agreed on this ending: the group is healthy
+        raise
+    except RuntimeError as exc:
+        # A timed-out or broken collective: name the rank(s) that fell behind.
+        clearer = explain_collective_failure(exc, ctx.rank, ctx.world_size, cfg.distributed.collective_timeout_s)
+        if clearer is None:
+            raise
+        raise clearer from exc
     finally:
-        shutdown()
+        shutdown(clean)
 
 
 def _train(cfg: RunConfig, ctx) -> TrainResult:
@@ -87,7 +107,11 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
         cfg.output_dir, enabled=ctx.is_main, tensorboard=cfg.metrics.tensorboard,
         progress=cfg.metrics.progress_bar, total_steps=parts.total_steps, initial=start_step,
     )
-    result = TrainResult(steps=start_step, start_step=start_step, log_dir=str(log.tensorboard_dir))
+    result = TrainResult(
+        steps=start_step, start_step=start_step, log_dir=str(log.tensorboard_dir), task=cfg.task,
+        finetune=cfg.finetune.strategy, total_params=parts.plan.total_params,
+        trainable_params=parts.plan.trainable_params, eval_metric=cfg.eval_metric,
+    )
     result.resumed_from = str(resume_path) if resume_path else None
     seq_len = cfg.data.seq_len
     flops_token = flops_per_token(parts.model_config, parts.num_params, seq_len)
@@ -97,27 +121,26 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
         f"{parts.num_params / 1e6:.2f}M parameters, {parts.total_steps} steps of "
         f"{cfg.train.global_batch_size} x {seq_len} tokens, grad accumulation {loader.grad_accum_steps}"
         + (f", resumed from {resume_path} at step {start_step}" if resume_path else "")
+        + f"\n{parts.plan.describe()}"
     )
 
-    val_sequences = parts.val_source.epoch(0)
-    eval_kwargs = dict(
-        micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank,
-        world_size=ctx.world_size, max_batches=cfg.train.eval_batches,
-    )
-    result.val_before = evaluate_loss(strategy, val_sequences, **eval_kwargs)["loss"]
-    log.log(start_step, {"loss": result.val_before}, kind="val")
+    task = parts.task
+    tracker = EvalTracker(cfg, ctx, strategy, parts, log)
+    result.val_before = tracker.evaluate_baseline(start_step)["loss"]
+    result.baseline = _scalars(tracker.baseline)
 
     strategy.train(True)
     consecutive_bad = 0
     window_start, window_tokens = time.perf_counter(), 0
     run_start = time.perf_counter()
     for step in range(start_step + 1, parts.total_steps + 1):
+        faults.maybe_kill(step, ctx.rank)
         checkpointer.poll()
         micro_batches = loader.next_step()
         if micro_batches is None:  # same answer on every rank: the cursor is global
             result.stopped_reason = "end of data"
             break
-        local_tokens = sum(count_loss_tokens(mb) for mb in micro_batches)
+        local_tokens = sum(task.count_targets(mb) for mb in micro_batches)
         global_tokens = all_reduce_sum([float(local_tokens)], device)[0]
         scale = ctx.world_size / max(global_tokens, 1.0)
 
@@ -126,13 +149,15 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
             is_last = i == len(micro_batches) - 1
             with strategy.micro_step(is_last):
                 with strategy.autocast():
-                    micro_loss = token_loss_sum(strategy.model, batch, device)
-                if _injected_fault(step, ctx.rank):
+                    micro_loss = task.loss_sum(strategy.model, batch, device)
+                if faults.nonfinite_loss(step, ctx.rank):
                     micro_loss = micro_loss * float("nan")
                 strategy.backward(micro_loss * scale, is_last)
             loss_sum += micro_loss.detach().double()
 
         local_bad = 0.0 if torch.isfinite(loss_sum) else 1.0
+        faults.maybe_stall(step, ctx.rank)
+        mark_progress(ctx.rank, step)  # read only if a collective times out
         reduced = all_reduce_sum(
             [0.0 if local_bad else float(loss_sum), local_bad, float(stop_request.requested)], device
         )
@@ -177,6 +202,20 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
                 window_start, window_tokens = time.perf_counter(), 0
         log.advance(1)
 
+        if tracker.due(step, parts.total_steps) and not stop_requested:
+            eval_start = time.perf_counter()
+            metrics = tracker.evaluate(step)
+            if metrics["improved"] and cfg.eval.save_best:
+                checkpointer.pinned = {step}  # retention keeps the best checkpoint
+                checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy))
+            window_start += time.perf_counter() - eval_start  # keep evaluation out of throughput
+            if metrics["stop"]:
+                result.stopped_reason = (
+                    f"early stopping at step {step}: val {tracker.metric} did not improve for "
+                    f"{cfg.eval.patience} evaluations (best {tracker.best[tracker.metric]:.4f} at step {tracker.best_step})"
+                )
+                break
+
         if stop_requested:
             checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy), blocking=True)
             result.stopped_reason = f"preempted at step {step} (checkpoint saved)"
@@ -185,27 +224,63 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
             checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy))
             result.stopped_reason = f"stop_at_step {step}"
             break
-        if checkpointer.due(step, parts.total_steps):
+        if checkpointer.due(step, parts.total_steps) and checkpointer.last_saved_step != step:
             checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy))
 
-    checkpointer.close()
-    stop_request.restore()
-    train_seconds = time.perf_counter() - run_start
+    train_seconds = time.perf_counter() - run_start - tracker.seconds
     trained_steps = result.steps - result.start_step - len(result.skipped_steps)
     result.tokens_per_s = trained_steps * cfg.train.global_batch_size * seq_len / max(train_seconds, 1e-9)
     preempted = result.stopped_reason.startswith("preempted")
     if not preempted:  # a preempted job has seconds left: the checkpoint is what matters
-        result.val_after = evaluate_loss(strategy, val_sequences, **eval_kwargs)["loss"]
-        log.log(result.steps, {"loss": result.val_after}, kind="val")
+        if tracker.last_step != result.steps:
+            tracker.evaluate(result.steps)
+        result.val_after = tracker.latest["loss"]
+        _finish_evaluation(cfg, result, tracker, checkpointer, strategy)
+    checkpointer.close()
+    stop_request.restore()
+    result.wall_seconds = time.perf_counter() - run_start
     log.close()
     if ctx.is_main:
         (cfg.output_dir / "result.json").write_text(json.dumps(asdict(result), indent=1))
+        _write_report(cfg.output_dir)
         _print_summary(result, cfg)
     if result.stopped_reason.startswith("non-finite"):
         raise NonFiniteLossError(result.stopped_reason)
     if preempted:
         raise Preempted(result.stopped_reason)
     return result
+
+
+def _scalars(metrics: dict | None) -> dict | None:
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _finish_evaluation(cfg, result: TrainResult, tracker: EvalTracker, checkpointer, strategy) -> None:
+    """Record final/best metrics; evaluate the test split once, with the best checkpoint's weights."""
+    result.final = _scalars(tracker.latest)
+    result.best, result.best_step = _scalars(tracker.best), tracker.best_step
+    if tracker.best_step is not None and checkpointer.last_saved_step is not None and cfg.eval.save_best:
+        best_path = checkpointer.root / step_dir_name(tracker.best_step)
+        checkpointer.wait()
+        if tracker.best_step != result.steps and best_path.is_dir():
+            checkpointer.load(best_path)  # weights (and optimizer) of the best evaluation
+        result.best_checkpoint = str(best_path) if best_path.is_dir() else None
+    test = tracker.evaluate_test(result.steps)
+    result.test = _scalars(test)
+    tracker.write_summary(result.steps, test)
+    if test is not None and "confusion" in test:
+        result.test["confusion"] = test["confusion"]
+
+
+def _write_report(run_dir) -> None:
+    from shardtune.eval.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as exc:  # a report problem must not fail a finished training run
+        print(f"shardtune: could not write {run_dir / 'report.md'}: {exc!r}", file=sys.stderr)
 
 
 def _print_summary(result: TrainResult, cfg: RunConfig) -> None:
@@ -216,10 +291,24 @@ def _print_summary(result: TrainResult, cfg: RunConfig) -> None:
             f"finished: {result.steps} steps ({result.stopped_reason}), {result.tokens_per_s:,.0f} tokens/s",
             f"  train loss      {first:.4f} (first step) -> {last:.4f} (last step)",
             f"  validation loss {result.val_before:.4f} (before) -> {result.val_after:.4f} (after)",
+            *_metric_lines(result),
             f"  checkpoints     {cfg.checkpoint_dir}",
             f"  metrics         {cfg.output_dir / 'metrics.jsonl'}",
+            f"  report          {cfg.output_dir / 'report.md'}",
             f"  TensorBoard     {result.log_dir}",
             f"  open it with:   {tensorboard_hint(result.log_dir)}",
         ]),
         flush=True,
     )
+
+
+def _metric_lines(result: TrainResult) -> list[str]:
+    key = result.eval_metric
+    lines = []
+    if key != "loss" and result.baseline and result.final and key in result.final:
+        lines.append(f"  validation {key:<5} {result.baseline[key]:.4f} (baseline) -> {result.final[key]:.4f} (after)")
+    if result.best_step is not None and result.best:
+        lines.append(f"  best            val {key} {result.best[key]:.4f} at step {result.best_step}")
+    if result.test:
+        lines.append(f"  test            {key} {result.test.get(key, float('nan')):.4f} (best checkpoint)")
+    return lines

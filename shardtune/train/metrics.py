@@ -96,14 +96,20 @@ class MetricsLogger:
     def tensorboard_dir(self) -> Path:
         return self.log_dir / "tensorboard"
 
-    def log(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
+    def log(self, step: int, scalars: dict[str, float], kind: str = "train", extra: dict | None = None) -> None:
+        """Scalars go to TensorBoard as ``kind/key`` and to metrics.jsonl; ``extra`` (lists,
+        e.g. a confusion matrix) to metrics.jsonl only."""
         if not self.enabled:
             return
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"{kind}/{key}", value, step)
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **scalars, **(extra or {})}) + "\n")
         self.jsonl.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text, step)
 
     def advance(self, steps: int, postfix: dict[str, float] | None = None) -> None:
         if self.bar is not None:

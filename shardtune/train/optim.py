@@ -9,25 +9,43 @@ import torch
 from shardtune.config import TrainSection
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # Norm weights and biases are 1-D; decaying them pulls scales toward zero for no gain.
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+    lr_scales: dict[str, float] | None = None,
+) -> list[dict]:
+    """Trainable parameters grouped by (learning-rate scale, decay or not).
+
+    Norm weights and biases are 1-D; decaying them pulls scales toward zero for no gain, so
+    they never decay. ``lr_scales`` (parameter name -> multiplier on ``lr``, from
+    ``finetune.apply_finetuning``) gives discriminative / layer-wise learning rates; each
+    group carries its own ``lr``, which the scheduler's multiplier then scales.
+    """
+    buckets: dict[tuple[float, bool], list] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+        scale = 1.0 if lr_scales is None else lr_scales.get(name, 1.0)
+        buckets.setdefault((scale, param.ndim >= 2), []).append(param)
+    uniform = len({scale for scale, _ in buckets}) <= 1
+    groups = []
+    for (scale, decays), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
+        name = "decay" if decays else "no_decay"
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0,
+                 "name": name if uniform else f"{name}@{scale:.4g}", "lr_scale": scale}
+        if lr is not None:
+            group["lr"] = lr * scale
+        groups.append(group)
+    if not groups:
+        raise ValueError("no trainable parameters")
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainSection, lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
     kwargs = {}
     if any(p.is_cuda for p in model.parameters()):
         kwargs["fused"] = True
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kwargs
+        param_groups(model, cfg.weight_decay, cfg.lr, lr_scales), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kwargs
     )
 
 

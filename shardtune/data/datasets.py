@@ -1,0 +1,111 @@
+"""The run's splits for its task: train / validation / test sources plus a data summary.
+
+Causal LM: packed sequences (``corpus.build_sources`` or prepared shards). Classification:
+padded labelled rows (``labelled``), from the built-in topic dataset, a JSONL file of
+``{"text", "label"}`` records, or prepared shards made with ``format: labelled``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardtune.config import RunConfig
+from shardtune.data.corpus import DataError, InMemorySource, load_records, split_records, tokenize_records
+
+
+@dataclass
+class Datasets:
+    train: object
+    validation: object
+    test: object | None
+    label_names: list[str] | None = None
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int | None:
+        return len(self.label_names) if self.label_names else None
+
+
+def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
+    if cfg.task == "classification":
+        return _classification(cfg, tokenizer)
+    return _causal_lm(cfg, tokenizer)
+
+
+def _causal_lm(cfg: RunConfig, tokenizer) -> Datasets:
+    data, seed = cfg.data, cfg.run.seed
+    if data.source == "prepared":
+        from shardtune.data.corpus import build_prepared_sources
+        from shardtune.data.prepare import tokenizer_fingerprint
+        from shardtune.data.shards import PreparedSource
+
+        train, val = build_prepared_sources(data, tokenizer, seed)
+        test = None
+        if train.manifest["splits"].get("test", {}).get("documents", 0):
+            test = PreparedSource(data.prepared_dir, "test", data.seq_len, seed,
+                                  tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+        summary = {name: {"documents": s["documents"], "tokens": s.get("tokens")}
+                   for name, s in train.manifest["splits"].items()}
+        return Datasets(train, val, test, summary={"source": f"prepared ({data.prepared_dir})", "splits": summary})
+    records = load_records(data, seed)
+    train, val, test = split_records(records, data.validation_fraction, data.test_fraction)
+    if not train:
+        raise DataError("no training records left after the validation/test split")
+
+    def source(rs):
+        return InMemorySource(tokenize_records(rs, tokenizer), data.seq_len, seed)
+
+    summary = {"source": data.source if data.source == "synthetic" else f"jsonl ({data.path})",
+               "splits": {"train": {"documents": len(train)}, "validation": {"documents": len(val)},
+                          "test": {"documents": len(test)}}}
+    # No validation records: evaluate on one training record rather than nothing.
+    return Datasets(source(train), source(val or train[:1]), source(test) if test else None, summary=summary)
+
+
+def _classification(cfg: RunConfig, tokenizer) -> Datasets:
+    from shardtune.data.labelled import (
+        ClassificationSource,
+        examples_from_prepared,
+        examples_from_records,
+        label_vocabulary,
+    )
+
+    data, seed = cfg.data, cfg.run.seed
+    if data.source == "prepared":
+        from shardtune.data.prepare import tokenizer_fingerprint
+        from shardtune.data.shards import PreparedSource, read_manifest
+
+        manifest = read_manifest(data.prepared_dir)
+        names = list(manifest.get("labels") or [])
+        if not names:
+            raise DataError(f"{data.prepared_dir} has no labels: prepare it from labelled records")
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        splits = {}
+        for split in ("train", "validation", "test"):
+            if manifest["splits"].get(split, {}).get("documents", 0):
+                src = PreparedSource(data.prepared_dir, split, data.seq_len, seed, tokenizer_fingerprint=fingerprint)
+                splits[split] = examples_from_prepared(src, tokenizer, data.seq_len)
+        source_name = f"prepared ({data.prepared_dir})"
+    else:
+        records = load_records(data, seed, task="classification")
+        missing = [i for i, r in enumerate(records) if "label" not in r]
+        if missing:
+            raise DataError(f"task=classification needs a 'label' in every record (record {missing[0]} has none)")
+        names = label_vocabulary(records, data.prepare.label_names)
+        parts = dict(zip(("train", "validation", "test"),
+                         split_records(records, data.validation_fraction, data.test_fraction), strict=True))
+        splits = {k: examples_from_records(v, names, tokenizer, data.seq_len) for k, v in parts.items() if v}
+        source_name = "synthetic topic classification" if data.source == "synthetic" else f"jsonl ({data.path})"
+    if "train" not in splits:
+        raise DataError("no training records left after the validation/test split")
+    train = ClassificationSource(splits["train"], seed)
+    val = ClassificationSource(splits.get("validation", splits["train"]), seed, shuffle=False)
+    test = ClassificationSource(splits["test"], seed, shuffle=False) if "test" in splits else None
+    summary = {
+        "source": source_name, "labels": names,
+        "splits": {k: {"documents": len(v), "label_counts": ClassificationSource(v, seed).label_counts(len(names))}
+                   for k, v in splits.items()},
+        "seq_len": data.seq_len,
+        "truncated": {k: int((v.attention_mask[:, -1] == 1).sum()) for k, v in splits.items()},
+    }
+    return Datasets(train, val, test, label_names=names, summary=summary)

@@ -1,0 +1,112 @@
+"""``shardtune eval CHECKPOINT_OR_HF_DIR --split test``: evaluate a trained model in one process.
+
+A shardtune checkpoint is first exported to a temporary Hugging Face directory (LoRA
+adapters merged), so a checkpoint written by any strategy at any world size evaluates the
+same way. The data split comes from the run config stored in the checkpoint, or from a
+config given on the command line (required for a plain Hugging Face directory).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from shardtune.config import ConfigError, RunConfig, load_config
+
+
+class _Runner:
+    """The slice of the Strategy interface ``evaluate`` uses, for a plain module."""
+
+    def __init__(self, model, ctx):
+        self.model, self.ctx = model, ctx
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _config_for(path: Path, config: str | None, overrides: list[str]) -> RunConfig:
+    from shardtune.checkpoint.manifest import TRAINER_STATE
+
+    if config is not None:
+        return load_config(config, overrides)
+    state_file = path / TRAINER_STATE
+    if not state_file.is_file():
+        raise ConfigError(f"{path} is not a shardtune checkpoint: give the run config that defines its data")
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(json.loads(state_file.read_text())["config"], fh)
+    return load_config(fh.name, overrides)
+
+
+def evaluate_model_dir(model_dir: Path, cfg: RunConfig, split: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from shardtune.data.datasets import build_datasets
+    from shardtune.distributed.process_group import init_distributed, shutdown
+    from shardtune.eval.evaluate import evaluate
+    from shardtune.train.tasks import build_task
+
+    ctx = init_distributed(cfg.distributed.init_timeout_s, cfg.distributed.collective_timeout_s)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        data = build_datasets(cfg, tokenizer)
+        source = {"train": data.train, "validation": data.validation, "test": data.test}[split]
+        if source is None:
+            raise ConfigError(f"the data of this config has no {split!r} split (set data.test_fraction)")
+        auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+        model = auto.from_pretrained(str(model_dir), dtype=torch.float32).to(ctx.device)
+        model.config.use_cache = False
+        if cfg.task == "classification":
+            trained = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            if trained != data.label_names:
+                raise ConfigError(f"the model's labels {trained} differ from the data's {data.label_names}")
+        sequences = source.epoch(0)  # the order does not change the metrics
+        return evaluate(
+            _Runner(model, ctx), build_task(cfg, data.num_labels), sequences,
+            micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank, world_size=ctx.world_size,
+            label_names=data.label_names,
+        )
+    finally:
+        shutdown()
+
+
+def run_eval_command(args, extra: list[str]) -> int:
+    from shardtune.checkpoint.export import export_hf
+    from shardtune.checkpoint.manifest import CheckpointError, resolve_checkpoint, verify_checkpoint
+
+    path = Path(args.path)
+    overrides = [*args.overrides, *extra]
+    try:
+        is_hf = (path / "config.json").is_file()
+        checkpoint = None if is_hf else resolve_checkpoint(path)
+        cfg = _config_for(checkpoint or path, args.config, overrides)
+        with tempfile.TemporaryDirectory() as tmp:
+            if checkpoint is not None:
+                verify_checkpoint(checkpoint, checksums=True)
+                model_dir = export_hf(checkpoint, Path(tmp) / "hf", adapters_only=False)
+            else:
+                model_dir = path
+            metrics = evaluate_model_dir(model_dir, cfg, args.split)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"shardtune: {exc}", file=sys.stderr)
+        return 2
+    shown = {k: v for k, v in metrics.items() if k != "confusion"}
+    print(f"{args.split} split of {cfg.task} data, model {checkpoint or path}:")
+    for key, value in shown.items():
+        print(f"  {key:<24} {value:.4f}")
+    if "confusion" in metrics:
+        print(f"  confusion (rows: true)   {metrics['confusion']}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(metrics, indent=1))
+    return 0
