@@ -237,7 +237,8 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
         result.val_after = tracker.latest["loss"]
         _finish_evaluation(cfg, result, tracker, checkpointer, strategy)
     checkpointer.close()
-    stop_request.restore()
+    # The handlers stay installed: a signal arriving after the last step only sets a flag
+    # nobody reads, where the default action would kill a run that already finished.
     result.wall_seconds = time.perf_counter() - run_start
     log.close()
     if ctx.is_main:

@@ -7,6 +7,8 @@ import gc
 import json
 import sys
 
+import torch.distributed
+
 from shardtune.config import load_config
 from shardtune.distributed.process_group import init_distributed, shutdown
 from shardtune.plan import live_tensor_bytes
@@ -31,5 +33,10 @@ for step in range(2):
             peak = max(peak, live_tensor_bytes())
             del grads
     strategy.step(1.0, skip=False)
-print(json.dumps({"rank": ctx.rank, "bytes": peak, "params": parts.num_params}), flush=True)
+# One line from rank 0: two ranks writing to one pipe can interleave their lines.
+rows = [None] * ctx.world_size
+torch.distributed.all_gather_object(rows, {"rank": ctx.rank, "bytes": peak, "params": parts.num_params})
+if ctx.is_main:
+    for row in rows:
+        print(json.dumps(row), flush=True)
 shutdown()
