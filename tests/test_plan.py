@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, run_env
+
 from shardtune.plan import KNOWN_ARCHITECTURES, Architecture, estimate, plan_table, state_bytes
 
 DEMO = ROOT / "configs" / "demo-cpu.yaml"

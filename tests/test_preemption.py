@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, run_env, run_shardtune
 
 pytestmark = pytest.mark.distributed

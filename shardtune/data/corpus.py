@@ -80,7 +80,7 @@ def tokenize_records(records: list[dict[str, str]], tokenizer) -> TokenizedCorpu
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     body_ids = tokenizer(bodies, add_special_tokens=False)["input_ids"]
     docs, prompt_lengths = [], []
-    for p, b in zip(prompt_ids, body_ids):
+    for p, b in zip(prompt_ids, body_ids, strict=True):
         docs.append(bos + p + b + eos)
         prompt_lengths.append(len(bos) + len(p))
     return TokenizedCorpus.from_documents(docs, prompt_lengths, vocab_size=len(tokenizer))

@@ -18,7 +18,7 @@ import torch
 class SequenceSource(Protocol):
     """Anything that can pack an epoch: the in-memory corpus or prepared, memory-mapped shards."""
 
-    def epoch(self, epoch: int) -> "EpochSequences": ...
+    def epoch(self, epoch: int) -> EpochSequences: ...
 
 
 class EpochSequences(Protocol):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from shardtune.config import RunConfig
 from shardtune.distributed.process_group import init_distributed, shutdown
 from shardtune.distributed.watchdog import explain_collective_failure, mark_progress
 from shardtune.eval.tracker import EvalTracker
+from shardtune.train import faults
 from shardtune.train.components import build_run, tensorboard_hint, trainer_state, write_export_extras
 from shardtune.train.metrics import (
     MetricsLogger,
@@ -33,7 +33,6 @@ from shardtune.train.metrics import (
     peak_memory_mib,
 )
 from shardtune.train.optim import restore_scheduler
-from shardtune.train import faults
 from shardtune.train.signals import Preempted, StopRequest
 
 
