@@ -161,3 +161,26 @@ def test_pickled_code_in_metadata_is_refused(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="subprocess.call"):
         safe_load_metadata(pickle.dumps(Exploit()))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_offline_reshard_writes_m_files_with_identical_tensors_and_resumes(tmp_path, uninterrupted):
+    import torch
+
+    from shardtune.checkpoint.export import load_logical_tensors
+
+    run_shardtune(tmp_path / "run", BATCH, "train.stop_at_step=4", nproc=2)
+    source = tmp_path / "run" / "checkpoints" / "step-00000004"
+    out = tmp_path / "three"
+    done = subprocess.run([sys.executable, "-m", "shardtune", "ckpt", "reshard", str(source), str(out),
+                           "--world-size", "3"], capture_output=True, text=True, env=run_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
+    for prefix in ("model.", "optim."):
+        before, after = load_logical_tensors(source, prefix), load_logical_tensors(out, prefix)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    resumed = run_shardtune(tmp_path / "resumed", BATCH, f"checkpoint.resume={out}", nproc=3)
+    assert resumed.result["resumed_from"] == str(out)
+    losses = losses_by_step(tmp_path / "resumed")
+    for step in range(5, 9):
+        assert losses[step] == pytest.approx(uninterrupted[step], rel=RESHARD_REL_TOLERANCE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from shardtune.checkpoint.manifest import (
@@ -27,6 +28,10 @@ def add_parser(sub) -> None:
     p_inspect.add_argument("--all", action="store_true", help="list every tensor, not the first 20")
     p_verify = ck.add_parser("verify", help="check every file against the manifest's sha256")
     p_verify.add_argument("path", type=Path, help="a checkpoint, or a directory of them (verifies all)")
+    p_reshard = ck.add_parser("reshard", help="rewrite a checkpoint as M shard files (offline, CPU)")
+    p_reshard.add_argument("path", type=Path)
+    p_reshard.add_argument("out", type=Path)
+    p_reshard.add_argument("--world-size", type=int, required=True, help="number of shard files to write")
     p_export = ck.add_parser("export", help="write a Hugging Face directory (safetensors)")
     p_export.add_argument("path", type=Path)
     p_export.add_argument("out", type=Path)
@@ -116,4 +121,14 @@ def _export(args) -> int:
     return 0
 
 
-_COMMANDS = {"ls": _ls, "inspect": _inspect, "verify": _verify, "export": _export}
+def _reshard(args) -> int:
+    from shardtune.checkpoint.reshard import describe, reshard
+
+    path = resolve_checkpoint(args.path)
+    start = time.perf_counter()
+    out = reshard(path, args.out, args.world_size)
+    print(f"resharded {path} -> {describe(out)} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+_COMMANDS = {"ls": _ls, "inspect": _inspect, "verify": _verify, "export": _export, "reshard": _reshard}
