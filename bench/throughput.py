@@ -1,0 +1,881 @@
+#!/usr/bin/env python
+"""CPU training throughput: shardtune's strategies vs Hugging Face ``Trainer``, MFU, scaling.
+
+What it measures (every run sequential: the machine has two cores):
+
+* the machine's fp32 matmul rate (1024x1024 matmuls) with 1 thread, 2 threads in one
+  process, and two 1-thread processes at once: the peak each run layout is compared to;
+* shardtune tokens/s for ddp, fsdp, zero1, zero2 and zero3 on the demo model and on a
+  ~21M-parameter Llama, at 1 rank x 2 threads (the 1-rank default) and 2 ranks x 1 thread,
+  plus ddp at 1 rank x 1 thread for the 1 -> 2 rank scaling efficiency;
+* Hugging Face ``Trainer`` (bench/hf_trainer_worker.py) on the same model, weights, tokenizer
+  and packed sequences, same micro/global batch and seq len, at the same layouts (2 ranks
+  through torchrun, DDP);
+* (full mode, ``--compile``) a clearly labelled PROTOTYPE of shardtune with
+  ``torch.compile`` monkeypatched in (bench/compile_shim.py); shardtune has no such option.
+
+Throughput is steady state: the first ``--warmup`` steps are dropped, the rest are timed in
+windows of ``--window`` steps (shardtune: its own metrics.jsonl windows; HF: step-end times
+from a callback), and a row is the median over the windows of all its runs (``--repeats``
+runs for the rows the targets use, ``--repeats-other`` for the rest). Other processes'
+CPU use during each run is recorded; before each run the bench waits (up to
+``--max-idle-wait`` s) for the machine to go idle.
+
+    .venv/bin/python bench/throughput.py            # full run (~20 min on 2 cores)
+    .venv/bin/python bench/throughput.py --quick    # smoke check (~2 min, numbers meaningless)
+
+Results: bench/results/throughput-cpu.json and bench/results/throughput-cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+DEPS = ROOT / ".cache" / "bench-deps"  # accelerate for HF Trainer, kept out of the project venv
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+MATMUL_SIZE = 1024
+
+# ~21M parameters with the 2048-token vocabulary (untied embeddings): 6 x 3.16M per block
+# + 2 x 1.05M embeddings/head. The issue's example (8 layers) comes to 27.4M.
+LLAMA_21M = [
+    "model.config.hidden_size=512",
+    "model.config.intermediate_size=1376",
+    "model.config.num_hidden_layers=6",
+    "model.config.num_attention_heads=8",
+    "model.config.num_key_value_heads=8",
+    # Half the demo's batch (8 x 256 tokens per optimizer step, micro-batch 4): ~1.5 s a step
+    # on 2 cores keeps 20-step runs of every strategy and layout inside the time budget.
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+]
+
+
+@dataclass
+class ModelSpec:
+    key: str
+    label: str
+    overrides: list[str]  # shardtune dotted overrides on top of the demo config
+
+
+MODELS = {
+    # The demo config as shipped: micro-batch 8, global batch 16, seq len 256.
+    "demo": ModelSpec("demo", "demo Llama", []),
+    # Same data, seq len and batch as the demo config, larger model.
+    "llama21m": ModelSpec("llama21m", "Llama ~21M", LLAMA_21M),
+}
+# Every run, shardtune and HF alike: the demo's synthetic task, fewer records than the
+# demo's 40k (it only changes how long tokenizer training and packing take at start-up;
+# the packed sequences are drawn from the same generator and seed).
+DATA_OVERRIDES = ["data.synthetic.num_records=12000"]
+QUICK_DATA_OVERRIDES = ["data.synthetic.num_records=4000"]
+
+
+@dataclass
+class Job:
+    model: str
+    impl: str  # shardtune | hf | shardtune+compile (prototype)
+    strategy: str  # ddp..zero3 for shardtune; "ddp" for HF (its only multi-process mode here)
+    nproc: int
+    threads: int  # per rank
+    repeats: int = 1
+    target_row: bool = False  # a row the issue's targets are read from (noisy runs retried first)
+
+    @property
+    def layout(self) -> str:
+        return f"{self.nproc}p{self.threads}t"
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.impl.replace('+', '_')}-{self.strategy}-{self.layout}"
+
+
+@dataclass
+class Measurement:
+    job: Job
+    repeats: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------
+# Environment, machine load
+
+
+def base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
+    return env
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:9]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def _own_cpu_s() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class LoadMeter:
+    """CPU time other processes used while a job ran: the noise indicator in the results."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _cpu_jiffies()[0], _own_cpu_s()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        busy = (_cpu_jiffies()[0] - self.busy0) / os.sysconf("SC_CLK_TCK")
+        own = _own_cpu_s() - self.own0
+        cores = os.cpu_count() or 1
+        self.foreign_frac = max(0.0, (busy - own) / max(self.wall * cores, 1e-9))
+        return False
+
+
+def busy_fraction(seconds: float = 1.5) -> float:
+    b0, t0 = _cpu_jiffies()
+    time.sleep(seconds)
+    b1, t1 = _cpu_jiffies()
+    return (b1 - b0) / max(t1 - t0, 1)
+
+
+_IDLE_BUDGET = {"left_s": float("inf")}  # total waiting allowed in one benchmark (--idle-wait-budget)
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.12) -> dict:
+    """Wait (up to max_wait_s, and within the run's total budget) until other processes
+    leave the CPUs nearly idle."""
+    max_wait_s = min(max_wait_s, _IDLE_BUDGET["left_s"])
+    start = time.perf_counter()
+    frac = busy_fraction()
+    announced = False
+    while frac > threshold and time.perf_counter() - start < max_wait_s:
+        if not announced:
+            print(f"    machine busy ({frac:.0%} of CPU used by others); waiting up to {max_wait_s:.0f} s",
+                  flush=True)
+            announced = True
+        time.sleep(3)
+        frac = busy_fraction()
+    waited = time.perf_counter() - start
+    _IDLE_BUDGET["left_s"] = max(0.0, _IDLE_BUDGET["left_s"] - waited)
+    return {"waited_s": round(waited, 1), "busy_before": round(frac, 3)}
+
+
+# --------------------------------------------------------------------------------------
+# Matmul peak
+
+
+def _matmul_rates(threads: int, samples: int, start_at: float | None = None) -> list[float]:
+    """fp32 1024x1024 matmul rates (FLOP/s) of this process at ``threads`` threads."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+        for _ in range(3):
+            a @ b
+        if start_at is not None:
+            time.sleep(max(0.0, start_at - time.time()))
+        per_sample = 12 * threads  # ~0.25 s per sample at ~100 GFLOP/s per core
+        rates = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            for _ in range(per_sample):
+                a @ b
+            rates.append(2.0 * MATMUL_SIZE**3 * per_sample / (time.perf_counter() - t0))
+        return rates
+    finally:
+        torch.set_num_threads(previous)
+
+
+def matmul_probe(threads: int, samples: int, start_at: float | None) -> None:
+    """Child mode (one of the two processes of the 2p1t probe): print the rates as JSON."""
+    print(json.dumps({"rates": _matmul_rates(threads, samples, start_at)}))
+
+
+def measure_matmul(samples: int, max_idle_wait: float) -> dict[str, dict]:
+    """One round of rates for the three layouts, each after waiting for an idle machine:
+    1p1t and 1p2t in this process, 2p1t as two 1-thread processes at once (rates summed)."""
+    out: dict[str, dict] = {}
+    for layout, threads in (("1p1t", 1), ("1p2t", 2)):
+        wait_for_idle(max_idle_wait)
+        with LoadMeter() as meter:
+            rates = _matmul_rates(threads, samples)
+        out[layout] = {"rates": rates, "foreign_cpu_frac": round(meter.foreign_frac, 3)}
+
+    env = dict(base_env(), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    wait_for_idle(max_idle_wait)
+    start_at = time.time() + 4.0  # both import torch first, then start together
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_matmul", "1", "--_samples", str(samples),
+           "--_start-at", repr(start_at)]
+    with LoadMeter() as meter:
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        pair = []
+        for proc in procs:
+            stdout, _ = proc.communicate()
+            if proc.returncode:
+                raise RuntimeError("matmul probe failed")
+            pair.append(json.loads(stdout.strip().splitlines()[-1])["rates"])
+    out["2p1t"] = {"rates": [x + y for x, y in zip(*pair, strict=True)],
+                   "foreign_cpu_frac": round(meter.foreign_frac, 3)}
+    return out
+
+
+def peak_rates(rounds: list[dict[str, dict]], noisy: float) -> dict[str, float]:
+    """Best sample per layout (other processes only ever lower a rate), from the rounds that
+    ran on a quiet machine when there is one."""
+    peaks = {}
+    for layout in ("1p1t", "1p2t", "2p1t"):
+        quiet = [r[layout] for r in rounds if r[layout]["foreign_cpu_frac"] <= noisy] or [r[layout] for r in rounds]
+        peaks[layout] = max(x for r in quiet for x in r["rates"])
+    return peaks
+
+
+# --------------------------------------------------------------------------------------
+# Model facts (parameter count and shardtune's FLOPs per token)
+
+
+class _VocabOnly:
+    """Enough of a tokenizer for shardtune's build_model: the vocab size and special ids."""
+
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def model_facts(spec: ModelSpec, data_overrides: list[str]) -> dict:
+    import torch
+
+    from shardtune.config import load_config
+    from shardtune.train.metrics import flops_per_token
+    from shardtune.train.model import build_model, count_parameters
+
+    cfg = load_config(None, [*data_overrides, *spec.overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, _VocabOnly(cfg.tokenizer.vocab_size))
+    params, _ = count_parameters(model)
+    fpt = flops_per_token(model.config, params, cfg.data.seq_len)
+    return {
+        "label": spec.label,
+        "overrides": spec.overrides,
+        "params": params,
+        "config": {k: getattr(model.config, k) for k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "tie_word_embeddings")},
+        "seq_len": cfg.data.seq_len,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "global_batch_size": cfg.train.global_batch_size,
+        "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
+        "flops_per_token": fpt,
+        "num_records": cfg.data.synthetic.num_records,
+        "data_overrides": data_overrides,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Running jobs
+
+
+@dataclass
+class Plan:
+    warmup: int  # optimizer steps dropped
+    measured: int  # optimizer steps timed
+    window: int  # metrics.log_every (and the HF windows)
+    timeout_s: float
+
+    @property
+    def steps(self) -> int:
+        return self.warmup + self.measured
+
+
+def _windows_from_steps(step_times: dict[int, float], plan: Plan, tokens_per_step: int) -> list[tuple[float, float]]:
+    """(tokens, seconds) per window of plan.window steps after the warm-up."""
+    out = []
+    for start in range(plan.warmup, plan.steps, plan.window):
+        end = min(start + plan.window, plan.steps)
+        out.append(((end - start) * tokens_per_step, step_times[end] - step_times[start]))
+    return out
+
+
+def _summarise(windows: list[tuple[float, float]]) -> dict:
+    tokens = sum(t for t, _ in windows)
+    seconds = sum(s for _, s in windows)
+    return {
+        "tokens_per_s": tokens / seconds,
+        "window_tokens_per_s": [round(t / s, 1) for t, s in windows],
+        "measured_tokens": tokens,
+        "measured_s": round(seconds, 3),
+    }
+
+
+def _job_env(job: Job) -> dict[str, str]:
+    env = base_env()
+    # Explicit for every implementation: torchrun would set 1 for 2 ranks anyway, and
+    # shardtune sizes 1 rank to the 2 cores when unset; HF (torch's default) does the same.
+    env["OMP_NUM_THREADS"] = str(job.threads)
+    env["MKL_NUM_THREADS"] = str(job.threads)
+    if job.impl == "hf":
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(DEPS), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[int, LoadMeter]:
+    with log.open("w") as fh, LoadMeter() as meter:
+        # Own session: on a timeout the whole tree (torchrun and its workers) is ended, not just the launcher.
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except BaseException as exc:  # a timeout, or Ctrl-C: end the whole tree
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=15)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            rc = 124
+    return rc, meter
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
+def run_job(job: Job, facts: dict, plan: Plan, work: Path, rep: int, tokenizer_dir: Path) -> dict:
+    spec = MODELS[job.model]
+    out_dir = work / f"{job.id}-r{rep}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    common = [*facts["data_overrides"], *spec.overrides, f"train.max_steps={plan.steps}"]
+    log = out_dir / "log.txt"
+    tokens_per_step = facts["tokens_per_step"]
+
+    if job.impl == "hf":
+        timing = out_dir / "hf_steps.json"
+        worker = [str(BENCH / "hf_trainer_worker.py"), "--out", str(timing), "--tokenizer-dir", str(tokenizer_dir),
+                  "--steps", str(plan.steps), "--work-dir", str(out_dir / "hf")]
+        cmd = (_torchrun(job.nproc) if job.nproc > 1 else [sys.executable]) + worker + common
+    else:
+        st_args = [*common, f"distributed.strategy={job.strategy}", f"run.output_dir={out_dir}",
+                   f"metrics.log_every={plan.window}", "metrics.progress_bar=false", "metrics.tensorboard=false",
+                   # One validation batch, no checkpoint: neither is inside the timed windows, both cost wall time.
+                   "train.eval_batches=1", "checkpoint.at_end=false", "checkpoint.resume=never"]
+        if job.impl == "shardtune":
+            cmd = [sys.executable, "-m", "shardtune", "launch", "--nproc", str(job.nproc), *st_args]
+        else:  # prototype: torch.compile monkeypatched in
+            cmd = _torchrun(job.nproc) + [str(BENCH / "compile_shim.py"), "train", *st_args]
+
+    rc, meter = _run(cmd, _job_env(job), log, plan.timeout_s)
+    record = {"rc": rc, "wall_s": round(meter.wall, 1), "foreign_cpu_frac": round(meter.foreign_frac, 3),
+              "log": str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log)}
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        record["error"] = "\n".join(tail)
+        return record
+
+    if job.impl == "hf":
+        data = json.loads(timing.read_text())
+        steps = {int(s): t for s, t in data["step_times"]}
+        record.update(_summarise(_windows_from_steps(steps, plan, tokens_per_step)))
+        record["threads_seen"] = data["threads"]
+        record["first_steps_s"] = round(steps[plan.warmup] - steps[0], 2)
+    else:
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        train_rows = [r for r in rows if r["kind"] == "train"]
+        windows, prev, reported_mfu = [], 0, []
+        warm_s = 0.0
+        for r in train_rows:
+            step = r["step"]
+            tokens = (step - prev) * tokens_per_step
+            seconds = tokens / r["tokens_per_s"]
+            if prev >= plan.warmup:
+                windows.append((tokens, seconds))
+                reported_mfu.append(r["mfu"])
+            else:
+                warm_s += seconds
+            prev = step
+        record.update(_summarise(windows))
+        record["first_steps_s"] = round(warm_s, 2)
+        record["shardtune_reported_mfu"] = round(statistics.median(reported_mfu), 4) if reported_mfu else None
+        record["peak_memory_mib"] = train_rows[-1].get("peak_memory_mib") if train_rows else None
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("finished:"):
+                record["finished_line"] = line.strip()
+    return record
+
+
+def prepare_tokenizer(tokenizer_dir: Path, env: dict[str, str], data_overrides: list[str]) -> None:
+    """The byte-level BPE shardtune trains for this data config, saved once for the HF worker."""
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        return
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from shardtune.config import load_config\n"
+        "from shardtune.data.corpus import load_records, record_text\n"
+        "from shardtune.train.model import train_tokenizer\n"
+        "cfg = load_config(None, sys.argv[2:])\n"
+        "train_tokenizer((record_text(r) for r in load_records(cfg.data, cfg.run.seed)),"
+        " cfg.tokenizer.vocab_size, Path(sys.argv[1]))\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tokenizer_dir), *data_overrides], env=env, cwd=ROOT, check=True)
+
+
+def ensure_accelerate(env: dict[str, str]) -> str:
+    """HF Trainer needs accelerate, which the project venv does not have: install it beside it."""
+    if importlib.util.find_spec("accelerate") is not None:
+        import accelerate
+
+        return accelerate.__version__
+    if not (DEPS / "accelerate").is_dir():
+        print(f"installing accelerate into {DEPS} (for HF Trainer only; the project venv is not touched)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(DEPS),
+                        "accelerate>=1.1"], check=True)
+    out = subprocess.run([sys.executable, "-c", "import accelerate; print(accelerate.__version__)"],
+                         env=dict(env, PYTHONPATH=str(DEPS)), capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+# --------------------------------------------------------------------------------------
+# Job lists
+
+
+def build_jobs(args) -> list[Job]:
+    """The measurements, each with its number of repeats.
+
+    The rows the issue's targets are read from (shardtune ddp and HF Trainer on the larger
+    model, every layout) get ``--repeats`` runs; the rest ``--repeats-other``.
+    """
+    big = args.models[-1]
+    jobs: list[Job] = []
+    for model in args.models:
+        for strategy in args.strategies:
+            layouts = ["1p2t", "2p1t"] if (strategy == "ddp" or not args.quick) else ["2p1t"]
+            if strategy in args.one_thread_strategies:
+                layouts.insert(1, "1p1t")
+            jobs += [Job(model, "shardtune", strategy, int(lay[0]), int(lay[2])) for lay in layouts]
+        if not args.skip_hf:
+            # HF at 1 thread only on the model the targets use (its own scaling, for reference).
+            layouts = ["1p2t", "1p1t", "2p1t"] if (model == big and not args.quick) else ["1p2t", "2p1t"]
+            jobs += [Job(model, "hf", "ddp", int(lay[0]), int(lay[2])) for lay in layouts]
+        if args.compile and model in args.compile_models:
+            jobs += [Job(model, "shardtune+compile", "ddp", 1, 2), Job(model, "shardtune+compile", "ddp", 2, 1)]
+    for job in jobs:
+        key = job.model == big and (job.impl == "hf" or (job.impl == "shardtune" and job.strategy == "ddp"))
+        job.repeats = args.repeats if key else args.repeats_other
+        job.target_row = key
+    return jobs
+
+
+# --------------------------------------------------------------------------------------
+# Report
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def analyse(measurements: list[Measurement], facts: dict, peaks: dict) -> tuple[list[dict], dict]:
+    rows = []
+    for m in measurements:
+        ok = [r for r in m.repeats if r.get("rc") == 0]
+        if any(not r.get("superseded_noisy") for r in ok):
+            ok = [r for r in ok if not r.get("superseded_noisy")]
+        # Every steady-state window of every run is one sample: the median shrugs off a burst
+        # of load from other processes inside one window.
+        rates = [w for r in ok for w in r["window_tokens_per_s"]]
+        f = facts[m.job.model]
+        peak = peaks[m.job.layout]
+        med = _median(rates)
+        row = {
+            **asdict(m.job), "id": m.job.id, "layout": m.job.layout,
+            "tokens_per_s_median": med,
+            "tokens_per_s_min": min(rates) if rates else None,
+            "tokens_per_s_max": max(rates) if rates else None,
+            "n_windows": len(rates), "n_ok": len(ok),
+            "n_runs": len([r for r in m.repeats if not r.get("superseded_noisy")]),
+            "run_tokens_per_s": [round(r["tokens_per_s"], 1) for r in ok],
+            "peak_flops": peak,
+            "matmul_bound_tokens_per_s": peak / f["flops_per_token"],
+            "mfu": f["flops_per_token"] * med / peak if med else None,
+            "foreign_cpu_frac_max": max((r["foreign_cpu_frac"] for r in ok), default=None),
+            "shardtune_reported_mfu": _median([r["shardtune_reported_mfu"] for r in ok if r.get("shardtune_reported_mfu")]),
+            "repeats": m.repeats,
+        }
+        rows.append(row)
+
+    index = {(r["model"], r["impl"], r["strategy"], r["layout"]): r for r in rows}
+
+    def rate(model, impl, strategy, layout):
+        r = index.get((model, impl, strategy, layout))
+        return r["tokens_per_s_median"] if r else None
+
+    for r in rows:  # vs HF Trainer at the same layout
+        hf = rate(r["model"], "hf", "ddp", r["layout"])
+        r["vs_hf"] = r["tokens_per_s_median"] / hf if (hf and r["tokens_per_s_median"]) else None
+
+    scaling = []
+    for (model, impl, strategy, layout), r in index.items():
+        if layout != "2p1t":
+            continue
+        one = rate(model, impl, strategy, "1p1t")
+        two = r["tokens_per_s_median"]
+        if one and two:
+            scaling.append({"model": model, "impl": impl, "strategy": strategy,
+                            "tokens_per_s_1p1t": one, "tokens_per_s_2p1t": two, "efficiency": two / (2 * one)})
+
+    targets = {}
+    big = "llama21m" if "llama21m" in facts else next(iter(facts))
+    for layout in ("1p2t", "2p1t"):
+        st, hf = rate(big, "shardtune", "ddp", layout), rate(big, "hf", "ddp", layout)
+        if st and hf:
+            targets[f"vs_hf_ddp_{layout}"] = {"model": big, "value": st / hf, "target": 1.1, "met": st / hf >= 1.1}
+        r = index.get((big, "shardtune", "ddp", layout))
+        if r and r["mfu"]:
+            targets[f"matmul_bound_ddp_{layout}"] = {"model": big, "value": r["mfu"], "target": 0.75,
+                                                     "met": r["mfu"] >= 0.75}
+    best = max((r for r in rows if r["model"] == big and r["impl"] == "shardtune" and r["mfu"]),
+               key=lambda r: r["mfu"], default=None)
+    if best:
+        targets["matmul_bound_best_shardtune"] = {"model": big, "value": best["mfu"], "target": 0.75,
+                                                  "met": best["mfu"] >= 0.75, "job": best["id"]}
+    for s in scaling:
+        if s["model"] == big and s["impl"] == "shardtune" and s["strategy"] == "ddp":
+            targets["scaling_ddp_1to2"] = {"model": big, "value": s["efficiency"], "target": 0.85,
+                                           "met": s["efficiency"] >= 0.85}
+    ratios = {f"{r['model']}/{r['impl']}/{r['strategy']}/{r['layout']}": r["vs_hf"]
+              for r in rows if r["impl"] != "hf" and r["vs_hf"] is not None}
+    return rows, {"ratios_vs_hf": ratios, "scaling": scaling, "targets": targets}
+
+
+def _fmt(x, spec=",.0f", none="—"):
+    return none if x is None else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    meta, facts, peaks = result["meta"], result["models"], result["matmul"]["peak_flops"]
+    lines = [
+        f"# CPU training throughput ({meta['mode']} mode)",
+        "",
+        f"{meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"deepspeed {meta['deepspeed']}, accelerate {meta['accelerate']}; {meta['started']}.",
+        f"Steady state: {result['plan']['warmup']} warm-up steps dropped, then {result['plan']['measured']} steps "
+        f"timed in windows of {result['plan']['window']} steps; each row is the median over the windows of all its runs. Layout `NpMt` = N ranks x M threads each.",
+        "",
+        "fp32 matmul peak (1024x1024, best sample): "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
+        "",
+        "| model | params | FLOP/token | seq | micro/global batch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for f in facts.values():
+        lines.append(f"| {f['label']} | {f['params'] / 1e6:.2f}M | {f['flops_per_token'] / 1e6:.1f}M | {f['seq_len']} "
+                     f"| {f['micro_batch_size']}/{f['global_batch_size']} |")
+    lines += [
+        "",
+        "| model | impl | strategy | layout | tokens/s (median) | windows/runs | min–max | vs HF | MFU (= of matmul bound) | matmul bound tok/s | other load |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["measurements"]:
+        label = facts[r["model"]]["label"]
+        impl = "shardtune + torch.compile (PROTOTYPE)" if r["impl"] == "shardtune+compile" else (
+            "HF Trainer" if r["impl"] == "hf" else "shardtune")
+        failed = "" if r["n_ok"] == r["n_runs"] else f" ({r['n_runs'] - r['n_ok']} failed)"
+        lines.append(
+            f"| {label} | {impl} | {r['strategy']} | {r['layout']} | {_fmt(r['tokens_per_s_median'])}{failed} "
+            f"| {r['n_windows']}/{r['n_ok']} | {_fmt(r['tokens_per_s_min'])}–{_fmt(r['tokens_per_s_max'])} | {_fmt(r['vs_hf'], '.2f')} "
+            f"| {_fmt(r['mfu'], '.1%')} | {_fmt(r['matmul_bound_tokens_per_s'])} "
+            f"| {_fmt(r['foreign_cpu_frac_max'], '.0%')} |"
+        )
+    lines += ["", "Scaling 1 -> 2 ranks at one thread per rank (tokens/s 2p1t / (2 x tokens/s 1p1t)):", "",
+              "| model | impl | strategy | 1p1t | 2p1t | efficiency |", "|---|---|---|---:|---:|---:|"]
+    for s in result["scaling"]:
+        lines.append(f"| {facts[s['model']]['label']} | {s['impl']} | {s['strategy']} | {s['tokens_per_s_1p1t']:,.0f} "
+                     f"| {s['tokens_per_s_2p1t']:,.0f} | {s['efficiency']:.1%} |")
+    lines += ["", "Targets (from the issue):", "", "| target | model | value | goal | met |", "|---|---|---:|---:|---|"]
+    names = {
+        "vs_hf_ddp_1p2t": "shardtune ddp / HF Trainer, 1 process x 2 threads",
+        "vs_hf_ddp_2p1t": "shardtune ddp / HF Trainer, 2 processes x 1 thread",
+        "matmul_bound_ddp_1p2t": "shardtune ddp, fraction of matmul bound, 1p2t",
+        "matmul_bound_ddp_2p1t": "shardtune ddp, fraction of matmul bound, 2p1t",
+        "matmul_bound_best_shardtune": "best shardtune row, fraction of matmul bound",
+        "scaling_ddp_1to2": "shardtune ddp scaling efficiency 1 -> 2 ranks (1 thread/rank)",
+    }
+    for key, t in result["targets"].items():
+        goal = f"≥{t['target']:.2f}x" if key.startswith("vs_hf") else f"≥{t['target']:.0%}"
+        value = f"{t['value']:.2f}x" if key.startswith("vs_hf") else f"{t['value']:.1%}"
+        extra = f" ({t['job']})" if "job" in t else ""
+        lines.append(f"| {names.get(key, key)}{extra} | {facts[t['model']]['label']} | {value} | {goal} "
+                     f"| {'yes' if t['met'] else 'NO'} |")
+    over = [r["id"] for r in result["measurements"] if r["mfu"] and r["mfu"] > 1.0]
+    if over:
+        lines += ["", f"**MFU above 100% in {', '.join(over)}: the matmul peak was measured low (load from other "
+                  "processes during every probe round); treat those MFU values as unreliable.**"]
+    lines += ["", "HF Trainer reference: same weights (shardtune's build_model, same seed), tokenizer and packed "
+              "sequences in the same order (sequential sampler), AdamW with the same hyper-parameters and clipping, "
+              "ddp_find_unused_parameters=False, no logging/saving; 2 processes through torchrun (DDP, gloo).",
+              "", "'other load' = CPU time used by processes outside the benchmark during the run, as a fraction "
+              "of the machine (noise indicator). The PROTOTYPE rows monkeypatch torch.compile into shardtune "
+              "(bench/compile_shim.py); shardtune has no compile option."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    from importlib.metadata import version
+
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "deepspeed": version("deepspeed"),
+        "torch_parallel_info": torch.__config__.parallel_info(),
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke check: demo model, few steps, 1 repeat (~2 min)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs of each measurement the targets use (ddp and HF on the larger model); median reported")
+    p.add_argument("--repeats-other", type=int, default=None, help="runs of every other measurement")
+    p.add_argument("--warmup", type=int, default=None, help="optimizer steps dropped before timing")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps timed after the warm-up")
+    p.add_argument("--window", type=int, default=None, help="steps per timing window (metrics.log_every)")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=None)
+    p.add_argument("--one-thread-strategies", nargs="*", choices=STRATEGIES, default=None,
+                   help="strategies also measured at 1 rank x 1 thread (for scaling efficiency)")
+    p.add_argument("--skip-hf", action="store_true", help="no Hugging Face Trainer reference")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the torch.compile PROTOTYPE (monkeypatched; ddp only)")
+    p.add_argument("--compile-models", nargs="+", choices=sorted(MODELS), default=None)
+    p.add_argument("--max-idle-wait", type=float, default=None,
+                   help="seconds to wait for other processes to leave the CPUs idle before each run")
+    p.add_argument("--retry-noisy", type=float, default=None,
+                   help="run a measurement once more when other processes used more than this fraction of the CPUs")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="noisy-run retries allowed in the whole benchmark for rows the targets do not use")
+    p.add_argument("--idle-wait-budget", type=float, default=None,
+                   help="total seconds the benchmark may spend waiting for an idle machine")
+    p.add_argument("--job-timeout", type=float, default=None, help="seconds before one run is killed")
+    p.add_argument("--out", type=Path, default=None, help="JSON result path (the .md goes beside it)")
+    p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-throughput")
+    p.add_argument("--_matmul", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_samples", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--_start-at", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    quick = args.quick
+    defaults = dict(
+        repeats=1,
+        repeats_other=1,
+        warmup=2 if quick else 4,
+        steps=2 if quick else 16,
+        window=2 if quick else 4,
+        models=["demo"] if quick else ["demo", "llama21m"],
+        strategies=list(STRATEGIES),
+        one_thread_strategies=["ddp"],
+        compile=False if quick else True,
+        compile_models=["llama21m"],
+        max_idle_wait=20.0 if quick else 120.0,
+        job_timeout=180.0 if quick else 420.0,
+        retry_noisy=1.0 if quick else 0.3,
+        max_retries=0 if quick else 4,
+        idle_wait_budget=60.0 if quick else 300.0,
+        out=RESULTS / ("throughput-cpu-quick.json" if quick else "throughput-cpu.json"),
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.steps % args.window or args.warmup % args.window:
+        p.error("--warmup and --steps must be multiples of --window")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._matmul is not None:
+        matmul_probe(args._matmul, args._samples, args._start_at)
+        return 0
+
+    os.environ.update({k: v for k, v in base_env().items() if k not in os.environ})
+    env = base_env()
+    t_start = time.perf_counter()
+    plan = Plan(warmup=args.warmup, measured=args.steps, window=args.window, timeout_s=args.job_timeout)
+    mode = "quick" if args.quick else "full"
+    sys.path.insert(0, str(ROOT))
+
+    meta = machine_info()
+    meta.update(mode=mode, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=sys.argv[1:])
+    jobs = build_jobs(args)
+    meta["accelerate"] = ensure_accelerate(env) if any(j.impl == "hf" for j in jobs) else None
+    print(f"bench: {mode} mode, {len(jobs)} measurements, {sum(j.repeats for j in jobs)} runs, "
+          f"{plan.warmup} warm-up + {plan.measured} timed steps each", flush=True)
+
+    data_overrides = QUICK_DATA_OVERRIDES if args.quick else DATA_OVERRIDES
+    facts = {m: model_facts(MODELS[m], data_overrides) for m in args.models}
+    for f in facts.values():
+        print(f"  {f['label']}: {f['params'] / 1e6:.2f}M parameters, {f['flops_per_token'] / 1e6:.1f} MFLOP/token",
+              flush=True)
+
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = work / "tokenizer"
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)  # depends on DATA_OVERRIDES: never reuse a stale one
+    if any(j.impl == "hf" for j in jobs):
+        prepare_tokenizer(tokenizer_dir, env, data_overrides)
+
+    samples = 2 if args.quick else 5
+    matmul_rounds = []
+
+    def matmul_round(label: str) -> None:
+        print(f"matmul peak ({label}) ...", end=" ", flush=True)
+        rnd = measure_matmul(samples, args.max_idle_wait)
+        matmul_rounds.append(rnd)
+        print(", ".join(f"{k} {max(v['rates']) / 1e9:.0f} GFLOP/s (other load {v['foreign_cpu_frac']:.0%})"
+                        for k, v in rnd.items()), flush=True)
+
+    matmul_round("start")
+
+    measurements = [Measurement(j) for j in jobs]
+    rounds = max(j.repeats for j in jobs)
+    total_runs, done = sum(j.repeats for j in jobs), 0
+    retries_left = args.max_retries
+    _IDLE_BUDGET["left_s"] = args.idle_wait_budget
+    # Peak rounds spread through the run too, so one burst of load cannot spoil the denominator.
+    probe_after = set() if args.quick else {total_runs // 3, 2 * total_runs // 3}
+    for rep in range(rounds):  # interleaved: round r runs every measurement that wants an r-th repeat
+        for m in measurements:
+            job = m.job
+            if rep >= job.repeats:
+                continue
+            if done in probe_after:
+                probe_after.discard(done)
+                matmul_round(f"after {done} runs")
+            done += 1
+            idle = wait_for_idle(args.max_idle_wait)
+            print(f"[{done}/{total_runs}] {job.id} (run {rep + 1}/{job.repeats}) ...", end=" ", flush=True)
+            record = run_job(job, facts[job.model], plan, work, rep, tokenizer_dir)
+            record.update(idle)
+            # Target rows always get their retry; the others share --max-retries.
+            if record["rc"] == 0 and record["foreign_cpu_frac"] > args.retry_noisy and (
+                    job.target_row or retries_left > 0):
+                retries_left -= 0 if job.target_row else 1
+                # Other processes took a large share of the CPUs: keep the record, flagged, and
+                # run once more. Rows use the unflagged runs (all runs if every one was noisy).
+                print(f"other load {record['foreign_cpu_frac']:.0%}: run again ...", end=" ", flush=True)
+                record["superseded_noisy"] = True
+                m.repeats.append(record)
+                wait_for_idle(args.max_idle_wait)
+                record = run_job(job, facts[job.model], plan, work, rep, tokenizer_dir)
+                record["retry_of_noisy_run"] = True
+            m.repeats.append(record)
+            if record["rc"] == 0:
+                print(f"{record['tokens_per_s']:,.0f} tok/s (windows {record['window_tokens_per_s']}, "
+                      f"other load {record['foreign_cpu_frac']:.0%}, {record['wall_s']:.0f} s)", flush=True)
+            else:
+                print(f"FAILED rc={record['rc']} (see {record['log']})\n{record.get('error', '')}", flush=True)
+
+    matmul_round("end")
+    matmul = {layout: [x for rnd in matmul_rounds for x in rnd[layout]["rates"]] for layout in ("1p1t", "1p2t", "2p1t")}
+    peaks = peak_rates(matmul_rounds, args.retry_noisy)
+
+    # A tokenizer retrained by a shardtune run must equal the one the HF worker used.
+    tok_check = None
+    for path in sorted(work.glob("*-shardtune-*/tokenizer/tokenizer.json")):
+        if (tokenizer_dir / "tokenizer.json").is_file():
+            tok_check = path.read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+        break
+
+    rows, derived = analyse(measurements, facts, peaks)
+    meta["duration_s"] = round(time.perf_counter() - t_start, 1)
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    result = {
+        "meta": meta,
+        "plan": {**asdict(plan), "repeats": args.repeats, "repeats_other": args.repeats_other},
+        "hf_same_tokenizer_as_shardtune": tok_check,
+        "matmul": {
+            "size": MATMUL_SIZE,
+            "samples_flops": matmul,
+            "rounds": matmul_rounds,
+            "median_flops": {k: statistics.median(v) for k, v in matmul.items()},
+            "peak_flops": peaks,
+            "note": "peak = best sample of the rounds with little other load (noise only lowers a rate); "
+                    "2p1t = two 1-thread processes at once, summed",
+        },
+        "models": facts,
+        "measurements": rows,
+        **derived,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    args.out.with_suffix(".md").write_text(table)
+    print()
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')} ({meta['duration_s']:.0f} s)")
+    failed = sum(r["n_runs"] - r["n_ok"] for r in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
