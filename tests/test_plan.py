@@ -77,3 +77,16 @@ def test_state_estimate_within_10_percent_of_measured(strategy):
     estimated = weights + grads + optimizer
     for row in rows:
         assert row["bytes"] == pytest.approx(estimated, rel=0.10), (strategy, row["bytes"] / rows[0]["params"])
+
+
+def test_flops_per_token_counts_a_tied_output_projection():
+    from transformers import LlamaConfig
+
+    from shardtune.train.metrics import flops_per_token
+
+    config = LlamaConfig(hidden_size=64, vocab_size=1000, num_hidden_layers=2)
+    attention = 12 * 2 * 64 * 128
+    config.tie_word_embeddings = True  # the shared matrix is both lookup and output matmul
+    assert flops_per_token(config, 100_000, 128) == 6 * 100_000 + attention
+    config.tie_word_embeddings = False  # the input lookup is no matmul
+    assert flops_per_token(config, 100_000, 128) == 6 * (100_000 - 64_000) + attention
