@@ -33,8 +33,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -44,12 +42,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from throughput_machine import (
+    _IDLE_BUDGET,
+    MATMUL_SIZE,
+    LoadMeter,
+    base_env,
+    machine_info,
+    matmul_probe,
+    measure_matmul,
+    peak_rates,
+    wait_for_idle,
+)
+from throughput_report import analyse, markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 DEPS = ROOT / ".cache" / "bench-deps"  # accelerate for HF Trainer, kept out of the project venv
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-MATMUL_SIZE = 1024
 
 # ~21M parameters with the 2048-token vocabulary (untied embeddings): 6 x 3.16M per block
 # + 2 x 1.05M embeddings/head. The issue's example (8 layers) comes to 27.4M.
@@ -111,152 +121,6 @@ class Measurement:
     repeats: list[dict] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------------------
-# Environment, machine load
-
-
-def base_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.pop(name, None)
-    return env
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:9]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
-
-
-def _own_cpu_s() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-class LoadMeter:
-    """CPU time other processes used while a job ran: the noise indicator in the results."""
-
-    def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _cpu_jiffies()[0], _own_cpu_s()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.t0
-        busy = (_cpu_jiffies()[0] - self.busy0) / os.sysconf("SC_CLK_TCK")
-        own = _own_cpu_s() - self.own0
-        cores = os.cpu_count() or 1
-        self.foreign_frac = max(0.0, (busy - own) / max(self.wall * cores, 1e-9))
-        return False
-
-
-def busy_fraction(seconds: float = 1.5) -> float:
-    b0, t0 = _cpu_jiffies()
-    time.sleep(seconds)
-    b1, t1 = _cpu_jiffies()
-    return (b1 - b0) / max(t1 - t0, 1)
-
-
-_IDLE_BUDGET = {"left_s": float("inf")}  # total waiting allowed in one benchmark (--idle-wait-budget)
-
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.12) -> dict:
-    """Wait (up to max_wait_s, and within the run's total budget) until other processes
-    leave the CPUs nearly idle."""
-    max_wait_s = min(max_wait_s, _IDLE_BUDGET["left_s"])
-    start = time.perf_counter()
-    frac = busy_fraction()
-    announced = False
-    while frac > threshold and time.perf_counter() - start < max_wait_s:
-        if not announced:
-            print(f"    machine busy ({frac:.0%} of CPU used by others); waiting up to {max_wait_s:.0f} s",
-                  flush=True)
-            announced = True
-        time.sleep(3)
-        frac = busy_fraction()
-    waited = time.perf_counter() - start
-    _IDLE_BUDGET["left_s"] = max(0.0, _IDLE_BUDGET["left_s"] - waited)
-    return {"waited_s": round(waited, 1), "busy_before": round(frac, 3)}
-
-
-# --------------------------------------------------------------------------------------
-# Matmul peak
-
-
-def _matmul_rates(threads: int, samples: int, start_at: float | None = None) -> list[float]:
-    """fp32 1024x1024 matmul rates (FLOP/s) of this process at ``threads`` threads."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-        for _ in range(3):
-            a @ b
-        if start_at is not None:
-            time.sleep(max(0.0, start_at - time.time()))
-        per_sample = 12 * threads  # ~0.25 s per sample at ~100 GFLOP/s per core
-        rates = []
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            for _ in range(per_sample):
-                a @ b
-            rates.append(2.0 * MATMUL_SIZE**3 * per_sample / (time.perf_counter() - t0))
-        return rates
-    finally:
-        torch.set_num_threads(previous)
-
-
-def matmul_probe(threads: int, samples: int, start_at: float | None) -> None:
-    """Child mode (one of the two processes of the 2p1t probe): print the rates as JSON."""
-    print(json.dumps({"rates": _matmul_rates(threads, samples, start_at)}))
-
-
-def measure_matmul(samples: int, max_idle_wait: float) -> dict[str, dict]:
-    """One round of rates for the three layouts, each after waiting for an idle machine:
-    1p1t and 1p2t in this process, 2p1t as two 1-thread processes at once (rates summed)."""
-    out: dict[str, dict] = {}
-    for layout, threads in (("1p1t", 1), ("1p2t", 2)):
-        wait_for_idle(max_idle_wait)
-        with LoadMeter() as meter:
-            rates = _matmul_rates(threads, samples)
-        out[layout] = {"rates": rates, "foreign_cpu_frac": round(meter.foreign_frac, 3)}
-
-    env = dict(base_env(), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    wait_for_idle(max_idle_wait)
-    start_at = time.time() + 4.0  # both import torch first, then start together
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_matmul", "1", "--_samples", str(samples),
-           "--_start-at", repr(start_at)]
-    with LoadMeter() as meter:
-        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-        pair = []
-        for proc in procs:
-            stdout, _ = proc.communicate()
-            if proc.returncode:
-                raise RuntimeError("matmul probe failed")
-            pair.append(json.loads(stdout.strip().splitlines()[-1])["rates"])
-    out["2p1t"] = {"rates": [x + y for x, y in zip(*pair, strict=True)],
-                   "foreign_cpu_frac": round(meter.foreign_frac, 3)}
-    return out
-
-
-def peak_rates(rounds: list[dict[str, dict]], noisy: float) -> dict[str, float]:
-    """Best sample per layout (other processes only ever lower a rate), from the rounds that
-    ran on a quiet machine when there is one."""
-    peaks = {}
-    for layout in ("1p1t", "1p2t", "2p1t"):
-        quiet = [r[layout] for r in rounds if r[layout]["foreign_cpu_frac"] <= noisy] or [r[layout] for r in rounds]
-        peaks[layout] = max(x for r in quiet for x in r["rates"])
-    return peaks
-
-
-# --------------------------------------------------------------------------------------
-# Model facts (parameter count and shardtune's FLOPs per token)
 
 
 class _VocabOnly:
@@ -500,195 +364,6 @@ def build_jobs(args) -> list[Job]:
         job.target_row = key
     return jobs
 
-
-# --------------------------------------------------------------------------------------
-# Report
-
-
-def _median(values):
-    return statistics.median(values) if values else None
-
-
-def analyse(measurements: list[Measurement], facts: dict, peaks: dict) -> tuple[list[dict], dict]:
-    rows = []
-    for m in measurements:
-        ok = [r for r in m.repeats if r.get("rc") == 0]
-        if any(not r.get("superseded_noisy") for r in ok):
-            ok = [r for r in ok if not r.get("superseded_noisy")]
-        # Every steady-state window of every run is one sample: the median shrugs off a burst
-        # of load from other processes inside one window.
-        rates = [w for r in ok for w in r["window_tokens_per_s"]]
-        f = facts[m.job.model]
-        peak = peaks[m.job.layout]
-        med = _median(rates)
-        row = {
-            **asdict(m.job), "id": m.job.id, "layout": m.job.layout,
-            "tokens_per_s_median": med,
-            "tokens_per_s_min": min(rates) if rates else None,
-            "tokens_per_s_max": max(rates) if rates else None,
-            "n_windows": len(rates), "n_ok": len(ok),
-            "n_runs": len([r for r in m.repeats if not r.get("superseded_noisy")]),
-            "run_tokens_per_s": [round(r["tokens_per_s"], 1) for r in ok],
-            "peak_flops": peak,
-            "matmul_bound_tokens_per_s": peak / f["flops_per_token"],
-            "mfu": f["flops_per_token"] * med / peak if med else None,
-            "foreign_cpu_frac_max": max((r["foreign_cpu_frac"] for r in ok), default=None),
-            "shardtune_reported_mfu": _median([r["shardtune_reported_mfu"] for r in ok if r.get("shardtune_reported_mfu")]),
-            "repeats": m.repeats,
-        }
-        rows.append(row)
-
-    index = {(r["model"], r["impl"], r["strategy"], r["layout"]): r for r in rows}
-
-    def rate(model, impl, strategy, layout):
-        r = index.get((model, impl, strategy, layout))
-        return r["tokens_per_s_median"] if r else None
-
-    for r in rows:  # vs HF Trainer at the same layout
-        hf = rate(r["model"], "hf", "ddp", r["layout"])
-        r["vs_hf"] = r["tokens_per_s_median"] / hf if (hf and r["tokens_per_s_median"]) else None
-
-    scaling = []
-    for (model, impl, strategy, layout), r in index.items():
-        if layout != "2p1t":
-            continue
-        one = rate(model, impl, strategy, "1p1t")
-        two = r["tokens_per_s_median"]
-        if one and two:
-            scaling.append({"model": model, "impl": impl, "strategy": strategy,
-                            "tokens_per_s_1p1t": one, "tokens_per_s_2p1t": two, "efficiency": two / (2 * one)})
-
-    targets = {}
-    big = "llama21m" if "llama21m" in facts else next(iter(facts))
-    for layout in ("1p2t", "2p1t"):
-        st, hf = rate(big, "shardtune", "ddp", layout), rate(big, "hf", "ddp", layout)
-        if st and hf:
-            targets[f"vs_hf_ddp_{layout}"] = {"model": big, "value": st / hf, "target": 1.1, "met": st / hf >= 1.1}
-        r = index.get((big, "shardtune", "ddp", layout))
-        if r and r["mfu"]:
-            targets[f"matmul_bound_ddp_{layout}"] = {"model": big, "value": r["mfu"], "target": 0.75,
-                                                     "met": r["mfu"] >= 0.75}
-    best = max((r for r in rows if r["model"] == big and r["impl"] == "shardtune" and r["mfu"]),
-               key=lambda r: r["mfu"], default=None)
-    if best:
-        targets["matmul_bound_best_shardtune"] = {"model": big, "value": best["mfu"], "target": 0.75,
-                                                  "met": best["mfu"] >= 0.75, "job": best["id"]}
-    for s in scaling:
-        if s["model"] == big and s["impl"] == "shardtune" and s["strategy"] == "ddp":
-            targets["scaling_ddp_1to2"] = {"model": big, "value": s["efficiency"], "target": 0.85,
-                                           "met": s["efficiency"] >= 0.85}
-    ratios = {f"{r['model']}/{r['impl']}/{r['strategy']}/{r['layout']}": r["vs_hf"]
-              for r in rows if r["impl"] != "hf" and r["vs_hf"] is not None}
-    return rows, {"ratios_vs_hf": ratios, "scaling": scaling, "targets": targets}
-
-
-def _fmt(x, spec=",.0f", none="—"):
-    return none if x is None else format(x, spec)
-
-
-def markdown(result: dict) -> str:
-    meta, facts, peaks = result["meta"], result["models"], result["matmul"]["peak_flops"]
-    lines = [
-        f"# CPU training throughput ({meta['mode']} mode)",
-        "",
-        f"{meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"deepspeed {meta['deepspeed']}, accelerate {meta['accelerate']}; {meta['started']}.",
-        f"Steady state: {result['plan']['warmup']} warm-up steps dropped, then {result['plan']['measured']} steps "
-        f"timed in windows of {result['plan']['window']} steps; each row is the median over the windows of all its runs. Layout `NpMt` = N ranks x M threads each.",
-        "",
-        "fp32 matmul peak (1024x1024, best sample): "
-        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
-        "",
-        "| model | params | FLOP/token | seq | micro/global batch |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for f in facts.values():
-        lines.append(f"| {f['label']} | {f['params'] / 1e6:.2f}M | {f['flops_per_token'] / 1e6:.1f}M | {f['seq_len']} "
-                     f"| {f['micro_batch_size']}/{f['global_batch_size']} |")
-    lines += [
-        "",
-        "| model | impl | strategy | layout | tokens/s (median) | windows/runs | min–max | vs HF | MFU (= of matmul bound) | matmul bound tok/s | other load |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["measurements"]:
-        label = facts[r["model"]]["label"]
-        impl = "shardtune + torch.compile (PROTOTYPE)" if r["impl"] == "shardtune+compile" else (
-            "HF Trainer" if r["impl"] == "hf" else "shardtune")
-        failed = "" if r["n_ok"] == r["n_runs"] else f" ({r['n_runs'] - r['n_ok']} failed)"
-        lines.append(
-            f"| {label} | {impl} | {r['strategy']} | {r['layout']} | {_fmt(r['tokens_per_s_median'])}{failed} "
-            f"| {r['n_windows']}/{r['n_ok']} | {_fmt(r['tokens_per_s_min'])}–{_fmt(r['tokens_per_s_max'])} | {_fmt(r['vs_hf'], '.2f')} "
-            f"| {_fmt(r['mfu'], '.1%')} | {_fmt(r['matmul_bound_tokens_per_s'])} "
-            f"| {_fmt(r['foreign_cpu_frac_max'], '.0%')} |"
-        )
-    lines += ["", "Scaling 1 -> 2 ranks at one thread per rank (tokens/s 2p1t / (2 x tokens/s 1p1t)):", "",
-              "| model | impl | strategy | 1p1t | 2p1t | efficiency |", "|---|---|---|---:|---:|---:|"]
-    for s in result["scaling"]:
-        lines.append(f"| {facts[s['model']]['label']} | {s['impl']} | {s['strategy']} | {s['tokens_per_s_1p1t']:,.0f} "
-                     f"| {s['tokens_per_s_2p1t']:,.0f} | {s['efficiency']:.1%} |")
-    lines += ["", "Targets (from the issue):", "", "| target | model | value | goal | met |", "|---|---|---:|---:|---|"]
-    names = {
-        "vs_hf_ddp_1p2t": "shardtune ddp / HF Trainer, 1 process x 2 threads",
-        "vs_hf_ddp_2p1t": "shardtune ddp / HF Trainer, 2 processes x 1 thread",
-        "matmul_bound_ddp_1p2t": "shardtune ddp, fraction of matmul bound, 1p2t",
-        "matmul_bound_ddp_2p1t": "shardtune ddp, fraction of matmul bound, 2p1t",
-        "matmul_bound_best_shardtune": "best shardtune row, fraction of matmul bound",
-        "scaling_ddp_1to2": "shardtune ddp scaling efficiency 1 -> 2 ranks (1 thread/rank)",
-    }
-    for key, t in result["targets"].items():
-        goal = f"≥{t['target']:.2f}x" if key.startswith("vs_hf") else f"≥{t['target']:.0%}"
-        value = f"{t['value']:.2f}x" if key.startswith("vs_hf") else f"{t['value']:.1%}"
-        extra = f" ({t['job']})" if "job" in t else ""
-        lines.append(f"| {names.get(key, key)}{extra} | {facts[t['model']]['label']} | {value} | {goal} "
-                     f"| {'yes' if t['met'] else 'NO'} |")
-    over = [r["id"] for r in result["measurements"] if r["mfu"] and r["mfu"] > 1.0]
-    if over:
-        lines += ["", f"**MFU above 100% in {', '.join(over)}: the matmul peak was measured low (load from other "
-                  "processes during every probe round); treat those MFU values as unreliable.**"]
-    lines += ["", "HF Trainer reference: same weights (shardtune's build_model, same seed), tokenizer and packed "
-              "sequences in the same order (sequential sampler), AdamW with the same hyper-parameters and clipping, "
-              "ddp_find_unused_parameters=False, no logging/saving; 2 processes through torchrun (DDP, gloo).",
-              "", "'other load' = CPU time used by processes outside the benchmark during the run, as a fraction "
-              "of the machine (noise indicator). The PROTOTYPE rows monkeypatch torch.compile into shardtune "
-              "(bench/compile_shim.py); shardtune has no compile option."]
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    from importlib.metadata import version
-
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "deepspeed": version("deepspeed"),
-        "torch_parallel_info": torch.__config__.parallel_info(),
-    }
 
 
 def parse_args(argv=None):
