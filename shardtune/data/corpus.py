@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardtune.config import DataSection
-from shardtune.data.packing import PackedEpoch, TokenizedCorpus
+from shardtune.data.packing import CorpusPacker, PackedEpoch, TokenizedCorpus, WholeDocumentEpoch
 from shardtune.data.synthetic import generate_records
 
 
@@ -88,17 +88,52 @@ def tokenize_records(records: list[dict[str, str]], tokenizer) -> TokenizedCorpu
 
 @dataclass
 class InMemorySource:
-    """A ``SequenceSource`` over a tokenized corpus held in memory."""
+    """A ``SequenceSource`` over a tokenized corpus (in memory, or memory-mapped shards)."""
 
     corpus: TokenizedCorpus
     seq_len: int
     seed: int
+    packing: str = "concat"
+    _packer: CorpusPacker = field(init=False, repr=False)
 
-    def epoch(self, epoch: int) -> PackedEpoch:
-        return PackedEpoch(self.corpus, self.seq_len, self.seed, epoch)
+    def __post_init__(self) -> None:
+        self._packer = CorpusPacker(self.corpus, self.seq_len, self.seed, self.packing)
+
+    def epoch(self, epoch: int) -> PackedEpoch | WholeDocumentEpoch:
+        return self._packer.epoch(epoch)
+
+
+class RepackedSource:
+    """A prepared source packed by another packer; everything else (manifest, split) is its own."""
+
+    def __init__(self, prepared, packing: str):
+        self.prepared = prepared
+        self._packer = CorpusPacker(prepared.corpus, prepared.seq_len, prepared.seed, packing)
+
+    def epoch(self, epoch: int) -> PackedEpoch | WholeDocumentEpoch:
+        return self._packer.epoch(epoch)
+
+    def __getattr__(self, name: str):
+        if name == "prepared":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.prepared, name)
+
+
+def with_packing(source, packing: str):
+    """``source`` itself for the default packer, so prepared shards keep their own ``epoch``."""
+    return source if packing == "concat" else RepackedSource(source, packing)
 
 
 def load_records(cfg: DataSection, seed: int, task: str = "causal_lm") -> list[dict[str, str]]:
+    if cfg.mixture:
+        # For a tokenizer trained on the run's text: every mixed dataset's records.
+        prepared = [m.prepared_dir for m in cfg.mixture if m.prepared_dir]
+        if prepared:
+            raise DataError(
+                f"data.mixture includes prepared_dir {prepared[0]}: set tokenizer.name_or_path="
+                f"{Path(prepared[0]) / 'tokenizer'} (the tokenizer the shards were prepared with)"
+            )
+        return [r for m in cfg.mixture for r in read_jsonl_records(m.path)]
     if cfg.source == "synthetic":
         if task == "classification":
             from shardtune.data.labelled import generate_labelled_records
@@ -119,11 +154,14 @@ def build_prepared_sources(cfg: DataSection, tokenizer, seed: int):
     from shardtune.data.shards import PreparedSource
 
     fingerprint = tokenizer_fingerprint(tokenizer)
-    train = PreparedSource(cfg.prepared_dir, "train", cfg.seq_len, seed, tokenizer_fingerprint=fingerprint)
+    train = PreparedSource(cfg.prepared_dir, "train", cfg.seq_len, seed, tokenizer_fingerprint=fingerprint,
+                           verify=cfg.verify_checksums)
+    train = with_packing(train, cfg.packing)
     if train.manifest["splits"]["validation"]["documents"] == 0:
         return train, train  # mirrors the in-memory path, which evaluates on training data when it must
-    val = PreparedSource(cfg.prepared_dir, "validation", cfg.seq_len, seed, tokenizer_fingerprint=fingerprint)
-    return train, val
+    val = PreparedSource(cfg.prepared_dir, "validation", cfg.seq_len, seed, tokenizer_fingerprint=fingerprint,
+                         verify=cfg.verify_checksums)
+    return train, with_packing(val, cfg.packing)
 
 
 def build_sources(cfg: DataSection, tokenizer, seed: int) -> tuple[InMemorySource, InMemorySource]:
@@ -133,7 +171,7 @@ def build_sources(cfg: DataSection, tokenizer, seed: int) -> tuple[InMemorySourc
     train, val, _ = split_records(records, cfg.validation_fraction, cfg.test_fraction)
     if not train:
         raise DataError("no training records left after the validation split")
-    train_src = InMemorySource(tokenize_records(train, tokenizer), cfg.seq_len, seed)
+    train_src = InMemorySource(tokenize_records(train, tokenizer), cfg.seq_len, seed, cfg.packing)
     # Validation order is fixed (epoch 0), so every evaluation sees the same sequences.
-    val_src = InMemorySource(tokenize_records(val or train[:1], tokenizer), cfg.seq_len, seed)
+    val_src = InMemorySource(tokenize_records(val or train[:1], tokenizer), cfg.seq_len, seed, cfg.packing)
     return train_src, val_src

@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardtune.config import RunConfig
-from shardtune.data.corpus import DataError, InMemorySource, load_records, split_records, tokenize_records
+from shardtune.data.corpus import (
+    DataError,
+    InMemorySource,
+    load_records,
+    read_jsonl_records,
+    split_records,
+    tokenize_records,
+    with_packing,
+)
 
 
 @dataclass
@@ -28,12 +36,16 @@ class Datasets:
 
 def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
     if cfg.task == "classification":
+        if cfg.data.mixture:
+            raise DataError("data.mixture mixes causal-LM datasets; task=classification takes one dataset")
         return _classification(cfg, tokenizer)
     return _causal_lm(cfg, tokenizer)
 
 
 def _causal_lm(cfg: RunConfig, tokenizer) -> Datasets:
     data, seed = cfg.data, cfg.run.seed
+    if data.mixture:
+        return _mixture(cfg, tokenizer)
     if data.source == "prepared":
         from shardtune.data.corpus import build_prepared_sources
         from shardtune.data.prepare import tokenizer_fingerprint
@@ -42,24 +54,79 @@ def _causal_lm(cfg: RunConfig, tokenizer) -> Datasets:
         train, val = build_prepared_sources(data, tokenizer, seed)
         test = None
         if train.manifest["splits"].get("test", {}).get("documents", 0):
-            test = PreparedSource(data.prepared_dir, "test", data.seq_len, seed,
-                                  tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+            test = with_packing(PreparedSource(data.prepared_dir, "test", data.seq_len, seed,
+                                               tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                                               verify=data.verify_checksums), data.packing)
         summary = {name: {"documents": s["documents"], "tokens": s.get("tokens")}
                    for name, s in train.manifest["splits"].items()}
-        return Datasets(train, val, test, summary={"source": f"prepared ({data.prepared_dir})", "splits": summary})
+        return Datasets(train, val, test, summary={"source": f"prepared ({data.prepared_dir})", "splits": summary,
+                                                   "packing": train.epoch(0).stats()})
     records = load_records(data, seed)
     train, val, test = split_records(records, data.validation_fraction, data.test_fraction)
     if not train:
         raise DataError("no training records left after the validation/test split")
 
     def source(rs):
-        return InMemorySource(tokenize_records(rs, tokenizer), data.seq_len, seed)
+        return InMemorySource(tokenize_records(rs, tokenizer), data.seq_len, seed, data.packing)
 
+    train_source = source(train)
     summary = {"source": data.source if data.source == "synthetic" else f"jsonl ({data.path})",
                "splits": {"train": {"documents": len(train)}, "validation": {"documents": len(val)},
-                          "test": {"documents": len(test)}}}
+                          "test": {"documents": len(test)}},
+               "packing": train_source.epoch(0).stats()}
     # No validation records: evaluate on one training record rather than nothing.
-    return Datasets(source(train), source(val or train[:1]), source(test) if test else None, summary=summary)
+    return Datasets(train_source, source(val or train[:1]), source(test) if test else None, summary=summary)
+
+
+def _mixture_splits(cfg: RunConfig, tokenizer, entry) -> dict:
+    """One mixture source's corpora by split (validation falls back to training data)."""
+    data, seed = cfg.data, cfg.run.seed
+    if entry.prepared_dir:
+        from shardtune.data.prepare import tokenizer_fingerprint
+        from shardtune.data.shards import PreparedSource
+
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        train = PreparedSource(entry.prepared_dir, "train", data.seq_len, seed, tokenizer_fingerprint=fingerprint,
+                               verify=data.verify_checksums)
+        splits = {"train": train.corpus}
+        for split in ("validation", "test"):
+            if train.manifest["splits"].get(split, {}).get("documents", 0):
+                splits[split] = PreparedSource(entry.prepared_dir, split, data.seq_len, seed,
+                                               tokenizer_fingerprint=fingerprint,
+                                               verify=data.verify_checksums).corpus
+    else:
+        train, val, test = split_records(read_jsonl_records(entry.path), data.validation_fraction, data.test_fraction)
+        if not train:
+            raise DataError(f"data.mixture source {entry.label} ({entry.path}) has no training records "
+                            "after the validation/test split")
+        splits = {"train": tokenize_records(train, tokenizer)}
+        for split, rs in (("validation", val), ("test", test)):
+            if rs:
+                splits[split] = tokenize_records(rs, tokenizer)
+    splits.setdefault("validation", splits["train"])
+    return splits
+
+
+def _mixture(cfg: RunConfig, tokenizer) -> Datasets:
+    from shardtune.data.mixture import MixedSource, MixtureComponent
+
+    data, seed = cfg.data, cfg.run.seed
+    per_source = {m.label: (m, _mixture_splits(cfg, tokenizer, m)) for m in data.mixture}
+
+    def mixed(split: str) -> MixedSource | None:
+        parts = [MixtureComponent(label, splits[split], m.weight)
+                 for label, (m, splits) in per_source.items() if split in splits]
+        return MixedSource(parts, data.seq_len, seed, data.packing) if parts else None
+
+    train = mixed("train")
+    summary = {
+        "source": "mixture (" + ", ".join(f"{label} x{m.weight:g}" for label, (m, _) in per_source.items()) + ")",
+        "splits": {split: {"documents": sum(s[split].num_documents for _, s in per_source.values() if split in s)}
+                   for split in ("train", "validation", "test")},
+        # Sequences each source supplies to one epoch (epoch 0) of the mixed training order.
+        "mixture": train.summary(0),
+    }
+    return Datasets(train, mixed("validation"), mixed("test"), summary=summary)
 
 
 def _classification(cfg: RunConfig, tokenizer) -> Datasets:
@@ -83,7 +150,8 @@ def _classification(cfg: RunConfig, tokenizer) -> Datasets:
         splits = {}
         for split in ("train", "validation", "test"):
             if manifest["splits"].get(split, {}).get("documents", 0):
-                src = PreparedSource(data.prepared_dir, split, data.seq_len, seed, tokenizer_fingerprint=fingerprint)
+                src = PreparedSource(data.prepared_dir, split, data.seq_len, seed, tokenizer_fingerprint=fingerprint,
+                                     verify=data.verify_checksums)
                 splits[split] = examples_from_prepared(src, tokenizer, data.seq_len)
         source_name = f"prepared ({data.prepared_dir})"
     else:
