@@ -17,9 +17,7 @@ previous checkpoint still committed and named by ``latest``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import sys
 import time
 from concurrent.futures import Future
@@ -49,6 +47,8 @@ from shardtune.checkpoint.manifest import (
 )
 from shardtune.checkpoint.rng import load_rng_state, rng_state
 from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner, safe_load_metadata
+from shardtune.run_dirs import make_run_dir
+from shardtune.train import faults
 
 
 def flatten_shapes(state: dict, prefix: str = "") -> dict[str, list[int]]:
@@ -75,12 +75,6 @@ def check_compatible(checkpoint_shapes: dict[str, list[int]], template: dict, wh
                 f"{where} does not fit this model: first mismatching tensor {key!r} has shape "
                 f"{list(checkpoint_shapes[key])} in the checkpoint but {shape} in the model"
             )
-
-
-def _fault_point(name: str, step: int) -> None:
-    """Fault injection for tests: SHARDTUNE_FAULT_SAVE=<point>:<step> SIGKILLs this process there."""
-    if os.environ.get("SHARDTUNE_FAULT_SAVE") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def logical_shapes(directory: Path) -> dict[str, list[int]]:
@@ -131,7 +125,7 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self.pinned: set[int] = set()  # steps retention never deletes (the best evaluation)
         if ctx.is_main:
-            root.mkdir(parents=True, exist_ok=True)
+            make_run_dir(root)
             for stale in root.glob(".tmp-step-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
@@ -153,15 +147,16 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             if final.exists():  # re-saving a step (e.g. at the end after an interval save)
                 shutil.rmtree(final)
-            tmp.mkdir(parents=True)
+            make_run_dir(tmp)
         dist.barrier()
-        _fault_point("before_staging", step)
+        faults.kill_point("before_staging", step)
         state = self.strategy.checkpoint_state()
         snapshot = {"trainer": trainer_state, "rng": rng_state()}
         writer = FileSystemWriter(str(tmp), sync_files=True)
         if blocking or not self.cfg.async_save:
             outcome: Future = Future()
             try:
+                faults.signal_point("save", self.ctx.rank, step)
                 dcp.save(state, storage_writer=writer, process_group=self.io_group)
                 outcome.set_result(None)
             except SAVE_ERRORS as exc:  # disk full, permissions, a peer's write error
@@ -171,6 +166,7 @@ class Checkpointer:
             self._commit()
         else:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.io_group)
+            faults.signal_point("save", self.ctx.rank, step)  # the writes are in flight
             self.pending = (future, step, tmp, final, snapshot)
             self.last_blocking_s = time.perf_counter() - start
 
@@ -197,11 +193,12 @@ class Checkpointer:
         try:
             future.result()  # re-raises this rank's write error
             rng_file = f"rng/rank-{rank:05d}.json"
-            (tmp / "rng").mkdir(exist_ok=True)
+            make_run_dir(tmp / "rng")
             write_json_atomic(tmp / rng_file, snapshot["rng"])
             mine = [rng_file] + sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp"))
-            _fault_point("after_write", step)
+            faults.kill_point("after_write", step)
             described = describe_files(tmp, mine)
+            faults.signal_point("commit", rank, step)
         except SAVE_ERRORS as exc:
             error = f"rank {rank}: {_describe_error(exc)}"
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
@@ -212,10 +209,10 @@ class Checkpointer:
             if not errors[0]:
                 try:
                     self._write_rank0_files(tmp, step, snapshot, [d for d, _ in gathered])
-                    _fault_point("before_rename", step)
+                    faults.kill_point("before_rename", step)
                     tmp.rename(final)
                     fsync_path(self.root)
-                    _fault_point("before_latest", step)
+                    faults.kill_point("before_latest", step)
                     write_latest(self.root, final.name)
                     self._apply_retention()
                 except OSError as exc:

@@ -48,6 +48,7 @@ from shardtune.data.shards import (
     token_dtype,
     verify_shards,
 )
+from shardtune.run_dirs import make_run_dir
 
 # Problems with the input itself; ``on_bad_record: error`` turns these into hard errors.
 # Other drops (empty, duplicates, over-long) are cleaning decisions and never fail the run.
@@ -228,7 +229,7 @@ def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: li
 
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    make_run_dir(work)  # renamed into place: its 0o750 is the prepared dir's
     try:
         tokenizer = _save_tokenizer(tokenizer, work / "tokenizer", paths, settings, tokenizer_vocab_size)
         dtype = token_dtype(len(tokenizer))

@@ -2,7 +2,7 @@
 
 Layout of a prepared directory::
 
-    manifest.json                      counts, token totals, fingerprints, sha256 per file
+    manifest.json                      counts, token totals, fingerprints, sha256 and size per file
     tokenizer/                         the tokenizer the shards were made with
     train/shard-00000/tokens.npy       flat token ids (uint16, or uint32 for vocab > 65536)
                      /loss_mask.npy    uint8, 1 where a token is a training target
@@ -15,6 +15,11 @@ Layout of a prepared directory::
 
 A document never spans two shards, so any slice of one document lies in one file. Files
 are ``.npy`` so they carry their dtype and open with ``np.load(mmap_mode="r")``.
+
+A training run checks every shard file it maps against the manifest before reading it: the
+size always (a ``stat``), the sha256 unless ``data.verify_checksums`` is false (a sequential
+read of the split on every rank). A bad file is then one error naming it, on every rank
+alike, instead of a numpy error or a silently different token stream.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from shardtune.data.packing import PackedEpoch, TokenizedCorpus
+from shardtune.run_dirs import make_run_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -82,7 +88,7 @@ class ShardWriter:
             return
         name = f"shard-{len(self.shards):05d}"
         shard_dir = self.split_dir / name
-        shard_dir.mkdir(parents=True)
+        make_run_dir(shard_dir)
         lengths = np.fromiter((len(t) for t in self._tokens), dtype=np.int64, count=len(self._tokens))
         offsets = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
         arrays = {
@@ -94,16 +100,18 @@ class ShardWriter:
             "doc_labels": np.asarray(self._labels, dtype=np.int64),
             "doc_keys": np.asarray(self._keys, dtype=np.uint64),
         }
-        files = {}
+        files, sizes = {}, {}
         for key, array in arrays.items():
             path = shard_dir / f"{key}.npy"
             np.save(path, array)
             files[path.name] = file_sha256(path)
+            sizes[path.name] = path.stat().st_size
         self.shards.append({
             "path": f"{self.split_dir.name}/{name}",
             "documents": len(lengths),
             "tokens": int(lengths.sum()),
             "sha256": files,
+            "bytes": sizes,
         })
         self._reset()
 
@@ -121,15 +129,28 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     return manifest
 
 
-def verify_shards(prepared_dir: str | Path, manifest: dict, splits=SPLITS) -> None:
-    """Hash every shard file against the manifest; raise naming the first bad file."""
+def verify_shards(prepared_dir: str | Path, manifest: dict, splits=SPLITS, *, checksums: bool = True) -> None:
+    """Check every shard file against the manifest (size; sha256 too if ``checksums``).
+
+    Raises naming the first bad file. Manifests written before sizes were recorded get
+    the existence check and the checksum only.
+    """
     root = Path(prepared_dir)
     for split in splits:
         for shard in manifest["splits"].get(split, {}).get("shards", []):
+            sizes = shard.get("bytes", {})
             for name, expected in shard["sha256"].items():
                 path = root / shard["path"] / name
                 if not path.is_file():
-                    raise ShardError(f"shard file missing: {path}")
+                    raise ShardError(f"shard file missing: {path}; re-run `shardtune data prepare`")
+                size = path.stat().st_size
+                if name in sizes and size != sizes[name]:
+                    raise ShardError(
+                        f"{'truncated' if size < sizes[name] else 'resized'} shard file {path}: "
+                        f"{size} bytes, the manifest says {sizes[name]}; re-run `shardtune data prepare`"
+                    )
+                if not checksums:
+                    continue
                 actual = file_sha256(path)
                 if actual != expected:
                     raise ShardError(
@@ -174,10 +195,11 @@ def open_corpus(prepared_dir: str | Path, manifest: dict, split: str) -> Tokeniz
     token_base = 0
     for shard in shards:
         shard_dir = root / shard["path"]
-        tokens.append(np.load(shard_dir / "tokens.npy", mmap_mode="r"))
-        masks.append(np.load(shard_dir / "loss_mask.npy", mmap_mode="r"))
+        tokens.append(_load(shard_dir / "tokens.npy", mmap=True))
+        masks.append(_load(shard_dir / "loss_mask.npy", mmap=True))
         for key in DOC_ARRAYS:
-            docs[key].append(np.load(shard_dir / f"{key}.npy"))
+            docs[key].append(_load(shard_dir / f"{key}.npy"))
+        _check_shard(shard_dir, shard, tokens[-1], masks[-1], {k: v[-1] for k, v in docs.items()})
         docs["doc_offsets"][-1] = docs["doc_offsets"][-1] + token_base
         token_base += len(tokens[-1])
     merged = {k: np.concatenate(v) for k, v in docs.items()}
@@ -190,6 +212,26 @@ def open_corpus(prepared_dir: str | Path, manifest: dict, split: str) -> Tokeniz
     )
 
 
+def _load(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)  # allow_pickle stays False
+    except (OSError, ValueError, EOFError) as exc:
+        raise ShardError(f"unreadable shard file {path}: {exc}; re-run `shardtune data prepare`") from exc
+
+
+def _check_shard(shard_dir: Path, shard: dict, tokens, mask, docs: dict[str, np.ndarray]) -> None:
+    """Cheap consistency of one shard's arrays (no token is read): lengths agree with the manifest."""
+    expected_docs, expected_tokens = shard["documents"], shard["tokens"]
+    for key, array in docs.items():
+        if array.ndim != 1 or len(array) != expected_docs:
+            raise ShardError(f"shard file {shard_dir / (key + '.npy')} holds {array.shape} values, "
+                             f"the manifest says {expected_docs} documents; re-run `shardtune data prepare`")
+    for name, array in (("tokens.npy", tokens), ("loss_mask.npy", mask)):
+        if array.ndim != 1 or len(array) != expected_tokens:
+            raise ShardError(f"shard file {shard_dir / name} holds {array.shape} values, "
+                             f"the manifest says {expected_tokens} tokens; re-run `shardtune data prepare`")
+
+
 class PreparedSource:
     """A ``SequenceSource`` over prepared shards: memory-mapped, packed by ``PackedEpoch``.
 
@@ -199,6 +241,7 @@ class PreparedSource:
 
     def __init__(self, prepared_dir: str | Path, split: str, seq_len: int, seed: int, *,
                  verify: bool = True, tokenizer_fingerprint: str | None = None):
+        """``verify``: sha256 every file of the split (sizes are always checked)."""
         self.prepared_dir = Path(prepared_dir)
         self.manifest = read_manifest(self.prepared_dir)
         expected = self.manifest["tokenizer"]["fingerprint"]
@@ -208,8 +251,7 @@ class PreparedSource:
                 f"this run's is {tokenizer_fingerprint[:12]}); point tokenizer.name_or_path at "
                 f"{self.prepared_dir / 'tokenizer'} or re-run `shardtune data prepare`"
             )
-        if verify:
-            verify_shards(self.prepared_dir, self.manifest, splits=(split,))
+        verify_shards(self.prepared_dir, self.manifest, splits=(split,), checksums=verify)
         self.split = split
         self.corpus = open_corpus(self.prepared_dir, self.manifest, split)
         self.seq_len = seq_len

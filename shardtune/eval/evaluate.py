@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from shardtune.data.loader import collate
 from shardtune.eval.metrics import classification_metrics, language_model_metrics
+from shardtune.train import faults
 
 
 @contextlib.contextmanager
@@ -69,6 +70,8 @@ def evaluate(
                     logits = task.logits(runner.model, batch, device)
                 for key, value in task.eval_stats(logits, batch, device).items():
                     sums[key] = sums[key] + value * weight if key in sums else value * weight
+                if b == 0:
+                    faults.signal_point("eval", rank)
         finally:
             runner.train(was_training)
     keys = sorted(sums)

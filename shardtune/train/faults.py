@@ -1,11 +1,22 @@
 """Fault injection for the fault-tolerance tests, driven by environment variables.
 
-Production runs never set these; each hook is one dictionary lookup per step.
-``step:rank`` lists are comma-separated.
+Production runs never set these; each hook is one dictionary lookup when it is reached.
+``step:rank`` lists are comma-separated; a rank of ``*`` matches every rank.
 
-* ``SHARDTUNE_FAULT_NONFINITE=3:1``  rank 1's loss at step 3 becomes NaN (and its gradients)
-* ``SHARDTUNE_FAULT_KILL=5:0``       rank 0 SIGKILLs itself at step 5, on the first attempt only
-* ``SHARDTUNE_FAULT_STALL=4:1:600``  rank 1 sleeps 600 s at step 4, just before the step's sync
+* ``SHARDTUNE_FAULT_NONFINITE=3:1``    rank 1's loss at step 3 becomes NaN (and its gradients)
+* ``SHARDTUNE_FAULT_GRAD=3:1:inf``     rank 1's loss at step 3 stays finite but its backward
+  yields non-finite gradients (``nan`` or ``inf``), before they are reduced across ranks
+* ``SHARDTUNE_FAULT_GRAD_REPLICA=3:1`` after step 3's backward (and its gradient reduction),
+  one element of rank 1's own gradients becomes NaN: a corrupted copy the other ranks never see
+* ``SHARDTUNE_FAULT_KILL=5:0``         rank 0 SIGKILLs itself at step 5, on the first attempt only
+* ``SHARDTUNE_FAULT_STALL=4:1:600``    rank 1 sleeps 600 s at step 4, just before the step's sync
+* ``SHARDTUNE_FAULT_SAVE=after_write:4`` every rank SIGKILLs itself at that point of step 4's save
+  (``before_staging``, ``after_write``, ``before_rename``, ``before_latest``)
+* ``SHARDTUNE_FAULT_SIGNAL=eval:4:1:SIGTERM`` rank 1 sends itself SIGTERM (default SIGUSR1)
+  at that moment of step 4: ``eval`` (after the first batch of the evaluation that follows
+  the step), ``save`` (while the checkpoint's shards are written: before a synchronous
+  write, or once the asynchronous one is in flight), ``commit`` (writes done, not yet
+  renamed). A preempted job's scheduler signals at any such moment.
 """
 
 from __future__ import annotations
@@ -14,6 +25,11 @@ import os
 import signal
 import time
 
+import torch
+
+# The step the loop is in, for hooks reached from code that does not know it (evaluation).
+_current_step = 0
+
 
 def _matches(var: str, step: int, rank: int) -> list[str] | None:
     spec = os.environ.get(var)
@@ -21,16 +37,14 @@ def _matches(var: str, step: int, rank: int) -> list[str] | None:
         return None
     for item in spec.split(","):
         parts = item.split(":")
-        if parts[:2] == [str(step), str(rank)]:
+        if parts[0] == str(step) and parts[1:2] in ([str(rank)], ["*"]):
             return parts[2:]
     return None
 
 
-def nonfinite_loss(step: int, rank: int) -> bool:
-    return _matches("SHARDTUNE_FAULT_NONFINITE", step, rank) is not None
-
-
-def maybe_kill(step: int, rank: int) -> None:
+def step_begins(step: int, rank: int) -> None:
+    global _current_step
+    _current_step = step
     # Only on torchrun's first attempt: the restarted group must get past the step.
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
@@ -38,7 +52,71 @@ def maybe_kill(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def nonfinite_loss(step: int, rank: int) -> bool:
+    return _matches("SHARDTUNE_FAULT_NONFINITE", step, rank) is not None
+
+
+def _value(extra: list[str]) -> float:
+    kind = extra[0] if extra else "nan"
+    if kind not in ("nan", "inf"):
+        raise ValueError(f"fault value must be nan or inf, not {kind!r}")
+    return float(kind)
+
+
+class _PoisonBackward(torch.autograd.Function):
+    """Identity forward; the gradient flowing back is multiplied by a non-finite value."""
+
+    @staticmethod
+    def forward(ctx, loss, value):
+        ctx.value = value
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.value, None
+
+
+def poison_backward(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    extra = _matches("SHARDTUNE_FAULT_GRAD", step, rank)
+    return loss if extra is None else _PoisonBackward.apply(loss, _value(extra))
+
+
+def corrupt_gradient_replica(step: int, rank: int, params) -> None:
+    extra = _matches("SHARDTUNE_FAULT_GRAD_REPLICA", step, rank)
+    if extra is None:
+        return
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP2 shard
+        if local.numel():
+            local.view(-1)[0] = _value(extra)
+            return
+    # ZeRO keeps reduced gradients inside DeepSpeed's partitions, not on the parameters.
+    raise RuntimeError("SHARDTUNE_FAULT_GRAD_REPLICA: this strategy keeps no gradient on its parameters")
+
+
 def maybe_stall(step: int, rank: int) -> None:
     extra = _matches("SHARDTUNE_FAULT_STALL", step, rank)
     if extra is not None:
         time.sleep(float(extra[0]) if extra else 3600.0)
+
+
+def kill_point(name: str, step: int) -> None:
+    if os.environ.get("SHARDTUNE_FAULT_SAVE") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def signal_point(point: str, rank: int, step: int | None = None) -> None:
+    spec = os.environ.get("SHARDTUNE_FAULT_SIGNAL")
+    if not spec:
+        return
+    step = _current_step if step is None else step
+    for item in spec.split(","):
+        parts = item.split(":")
+        if parts[:2] == [point, str(step)] and parts[2:3] in ([str(rank)], ["*"]):
+            name = parts[3] if len(parts) > 3 else "SIGUSR1"
+            # Delivered to this process as a scheduler would; the handler runs right away.
+            os.kill(os.getpid(), signal.Signals[name])
+            return
