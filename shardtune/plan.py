@@ -16,7 +16,9 @@ zero3      (2 + 2 + 12)/N + live gathered        (4 + 4 + 12)/N + live gathered
 
 With CPU offload the fp32 master and the moments (the 12/N) move to host memory.
 Activations: per layer and token, the tensors a Llama-style block saves for backward
-(about 6h + 2·kv + 4·I values); with activation checkpointing only each block's input.
+(about 6h + 2·kv + 4·I values); a checkpointed block keeps only its input, plus one block's
+full set while it is recomputed. ``selective`` checkpoints every n-th block (blocks 0, n,
+2n, ...: ceil(layers / n) of them), the others keep everything.
 """
 
 from __future__ import annotations
@@ -109,27 +111,46 @@ def state_bytes(strategy: str, params: int, ranks: int, bf16: bool, offload: boo
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+def block_activation_values(arch: Architecture) -> int:
+    """Values per token one Llama-style block keeps for backward when not checkpointed."""
+    return 6 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate
+
+
+def checkpointed_blocks(layers: int, checkpointing: bool | str, every: int = 2) -> int:
+    """How many blocks recompute in backward under a policy (bools: the pre-policy configs)."""
+    policy = {True: "full", False: "none"}.get(checkpointing, checkpointing)
+    if policy == "none":
+        return 0
+    if policy == "full":
+        return layers
+    if policy == "selective":
+        return -(-layers // every)  # transformers checkpoints blocks 0, every, 2*every, ...
+    raise ValueError(f"unknown activation checkpointing policy {checkpointing!r}")
+
+
 def activation_bytes(arch: Architecture, micro_batch: int, seq_len: int, bf16: bool,
-                     checkpointing: bool) -> float:
+                     checkpointing: bool | str, every: int = 2) -> float:
     element = 2 if bf16 else 4
     tokens = micro_batch * seq_len
-    per_block_values = 6 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate
+    per_block_values = block_activation_values(arch)
     # Logits and their gradient are fp32 for the loss whatever the training dtype.
     logits = tokens * arch.vocab * 4 * 2
-    if checkpointing:
-        return tokens * (arch.layers * arch.hidden + per_block_values) * element + logits
-    return tokens * arch.layers * per_block_values * element + logits
+    recomputed = checkpointed_blocks(arch.layers, checkpointing, every)
+    kept = (arch.layers - recomputed) * per_block_values
+    stored = recomputed * arch.hidden + (per_block_values if recomputed else 0)
+    return tokens * (kept + stored) * element + logits
 
 
 def estimate(arch: Architecture, strategy: str, ranks: int, micro_batch: int, seq_len: int,
-             bf16: bool, checkpointing: bool, offload: bool = False) -> Estimate:
+             bf16: bool, checkpointing: bool | str, offload: bool = False, every: int = 2) -> Estimate:
     w, g, o, buffers = state_bytes(strategy, arch.params, ranks, bf16, offload, arch.block_params)
-    acts = activation_bytes(arch, micro_batch, seq_len, bf16, checkpointing)
+    acts = activation_bytes(arch, micro_batch, seq_len, bf16, checkpointing, every)
     return Estimate(strategy, offload, w / GIB, g / GIB, o / GIB, acts / GIB, buffers / GIB)
 
 
 def plan_table(arch: Architecture, ranks: int, seq_len: int, gpu_memory_gib: float, bf16: bool,
-               checkpointing: bool, micro_batches=(1, 2, 4, 8, 16)) -> tuple[list[dict], dict | None]:
+               checkpointing: bool | str, micro_batches=(1, 2, 4, 8, 16),
+               every: int = 2) -> tuple[list[dict], dict | None]:
     """Rows for every strategy (and offload variant), and the recommendation.
 
     Recommendation: the option that fits with 10% headroom and the largest micro-batch,
@@ -141,10 +162,10 @@ def plan_table(arch: Architecture, ranks: int, seq_len: int, gpu_memory_gib: flo
     for strategy, offload in order:
         fitting_mb = 0
         for mb in micro_batches:
-            e = estimate(arch, strategy, ranks, mb, seq_len, bf16, checkpointing, offload)
+            e = estimate(arch, strategy, ranks, mb, seq_len, bf16, checkpointing, offload, every)
             if e.total_gib <= 0.9 * gpu_memory_gib:
                 fitting_mb = mb
-        e1 = estimate(arch, strategy, ranks, 1, seq_len, bf16, checkpointing, offload)
+        e1 = estimate(arch, strategy, ranks, 1, seq_len, bf16, checkpointing, offload, every)
         no_ckpt = estimate(arch, strategy, ranks, 1, seq_len, bf16, False, offload)
         row = {
             "strategy": strategy + ("+offload" if offload else ""),
@@ -159,9 +180,9 @@ def plan_table(arch: Architecture, ranks: int, seq_len: int, gpu_memory_gib: flo
     return rows, best
 
 
-def format_table(rows: list[dict], best: dict | None, header: str) -> str:
+def format_table(rows: list[dict], best: dict | None, header: str, policy: str = "ckpt") -> str:
     lines = [header, "",
-             "| strategy | weights | grads | optimizer | buffers | activations/seq (ckpt / none) | total @ mb=1 | max micro-batch |",
+             f"| strategy | weights | grads | optimizer | buffers | activations/seq ({policy} / none) | total @ mb=1 | max micro-batch |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **←**" if best is r else ""
@@ -215,15 +236,17 @@ def run_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory: str, bf16: bool | 
     arch = architecture_for(cfg)
     ranks = nodes * gpus_per_node
     use_bf16 = cfg.distributed.precision != "fp32" if bf16 is None else bf16
+    policy, every = cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
     rows, best = plan_table(arch, ranks, cfg.data.seq_len, parse_memory(gpu_memory), use_bf16,
-                            cfg.model.activation_checkpointing)
+                            policy, every=every)
+    described = {"none": "off", "full": "on (every block)",
+                 "selective": f"selective ({checkpointed_blocks(arch.layers, policy, every)} of {arch.layers} blocks)"}
     header = (
         f"{cfg.model.name_or_path or 'model.config'}: {arch.params / 1e9:.2f}B parameters, "
         f"{nodes} node(s) x {gpus_per_node} GPU(s) = {ranks} ranks of {parse_memory(gpu_memory):.0f} GiB, "
-        f"seq {cfg.data.seq_len}, {'bf16' if use_bf16 else 'fp32'}, activation checkpointing "
-        f"{'on' if cfg.model.activation_checkpointing else 'off'}"
+        f"seq {cfg.data.seq_len}, {'bf16' if use_bf16 else 'fp32'}, activation checkpointing {described[policy]}"
     )
-    return format_table(rows, best, header)
+    return format_table(rows, best, header, {"none": "none", "full": "ckpt", "selective": "selective"}[policy])
 
 
 def live_tensor_bytes() -> int:

@@ -122,9 +122,21 @@ def build_model(
     # With a KV cache, transformers builds its mask from the cache and silently ignores the
     # per-document position_ids of packed sequences: documents would attend to each other.
     model.config.use_cache = False
-    if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+    apply_activation_checkpointing(model, cfg)
     return model
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, cfg: ModelSection) -> None:
+    """Recompute block activations in backward: every block (full) or every n-th (selective).
+
+    Transformers checkpoints each block's ``forward``, inside the module's hooks, so FSDP2's
+    all-gather hooks run once per forward, not again on the recompute; non-reentrant, so it
+    composes with ``torch.compile`` and with gradient accumulation under DDP's ``no_sync``.
+    """
+    if cfg.activation_checkpointing == "none":
+        return
+    every = 1 if cfg.activation_checkpointing == "full" else cfg.activation_checkpointing_every
+    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -28,6 +28,7 @@ class Strategy(ABC):
     name: str
 
     def __init__(self, cfg: RunConfig, ctx: DistContext):
+        check_compile_supported(cfg)
         self.cfg = cfg
         self.ctx = ctx
         self.bf16 = resolve_bf16(cfg, ctx)
@@ -51,6 +52,15 @@ class Strategy(ABC):
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, is_last: bool) -> None: ...
+
+    def local_grads_finite(self) -> bool:
+        """Before the step's all-reduce: False when this rank's own gradients are not finite.
+
+        Only a strategy that clips with a norm computed from its local replica (DDP) needs
+        this: a gradient corrupted after the reduction would make that rank alone skip the
+        update. FSDP2 and ZeRO reduce the norm across ranks, so every rank already agrees.
+        """
+        return True
 
     @abstractmethod
     def step(self, max_grad_norm: float | None, skip: bool) -> StepOutcome:
@@ -94,11 +104,62 @@ def resolve_bf16(cfg: RunConfig, ctx: DistContext) -> bool:
     return precision == "bf16"
 
 
-def torch_clip_and_step(strategy: Strategy, params, max_grad_norm: float | None, skip: bool) -> StepOutcome:
-    """Shared by DDP and FSDP2: both leave plain (or DTensor) gradients on the parameters."""
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks, found through the model's own ``_no_split_modules``."""
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(
+            f"cannot find transformer blocks in {type(model).__name__}: it declares no "
+            "_no_split_modules; FSDP2 would shard it as one unit and train.compile=blocks has nothing to compile"
+        )
+    return blocks
+
+
+def check_compile_supported(cfg: RunConfig) -> None:
+    mode, strategy = cfg.train.compile, cfg.distributed.strategy
+    if mode == "model" and strategy in ("fsdp", "zero3"):
+        raise ValueError(
+            f"train.compile=model does not work with distributed.strategy={strategy}: the per-block "
+            "parameter gathers would run inside the compiled graph; "
+            + ("use train.compile=blocks" if strategy == "fsdp" else "use fsdp with train.compile=blocks")
+        )
+    if mode == "blocks" and strategy == "zero3":
+        raise ValueError(
+            "train.compile=blocks does not work with distributed.strategy=zero3: ZeRO-3 gathers "
+            "every linear layer's weights in hooks inside each block; use fsdp, or train.compile=none"
+        )
+
+
+def apply_compile(model: torch.nn.Module, mode: str) -> None:
+    """torch.compile each block's ``forward`` (or the model's) in place, before any wrapping.
+
+    Compiling ``forward`` rather than wrapping the module keeps parameter names (checkpoints
+    stay interchangeable with eager runs) and keeps module hooks (FSDP2's all-gather and
+    reshard) outside the graphs, which is the order torchtitan uses: per-block compile, then
+    ``fully_shard``. Activation checkpointing, applied by ``build_model`` inside
+    ``forward``, is traced into the graph.
+    """
+    if mode == "none":
+        return
+    targets = transformer_blocks(model) if mode == "blocks" else [model]
+    for module in targets:
+        module.forward = torch.compile(module.forward)
+
+
+def torch_clip_and_step(
+    strategy: Strategy, params, max_grad_norm: float | None, skip: bool, norm: torch.Tensor | None = None
+) -> StepOutcome:
+    """Shared by DDP and FSDP2: both leave plain (or DTensor) gradients on the parameters.
+
+    ``norm``: the total gradient norm when the caller already computed it (the same
+    arithmetic as ``clip_grad_norm_``, which is these two calls).
+    """
     params = [p for p in params if p.grad is not None]
     limit = max_grad_norm if max_grad_norm is not None else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    torch.nn.utils.clip_grads_with_norm_(params, limit, norm, foreach=True)
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor; the reduction is already global
         norm = norm.full_tensor()
     norm = float(norm)

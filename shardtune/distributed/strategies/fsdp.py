@@ -1,7 +1,9 @@
 """FSDP2: ``fully_shard`` on every transformer block, then on the root module.
 
 Blocks are found through the model's own ``_no_split_modules`` (the classes Hugging Face
-marks as indivisible), so no model code needs to know it is being sharded.
+marks as indivisible), so no model code needs to know it is being sharded. Order, as in
+torchtitan: activation checkpointing (``build_model``), per-block ``torch.compile``, then
+``fully_shard``, then the explicit prefetch schedule.
 """
 
 from __future__ import annotations
@@ -9,19 +11,37 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from shardtune.distributed.strategies.base import StepOutcome, Strategy, TorchStateMixin, torch_clip_and_step
+from shardtune.distributed.strategies.base import (
+    StepOutcome,
+    Strategy,
+    TorchStateMixin,
+    apply_compile,
+    torch_clip_and_step,
+    transformer_blocks,
+)
 from shardtune.train.optim import build_optimizer, build_scheduler
 
+__all__ = ["FSDPStrategy", "mixed_precision_policy", "set_prefetch", "transformer_blocks"]
 
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    block_names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        raise ValueError(
-            f"cannot find transformer blocks in {type(model).__name__}: it declares no "
-            "_no_split_modules; FSDP2 would shard it as one unit"
-        )
-    return blocks
+
+def mixed_precision_policy(bf16: bool, reduce_dtype: str) -> MixedPrecisionPolicy:
+    reduce = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(reduce_dtype)
+    if reduce_dtype == "auto":
+        reduce = torch.float32 if bf16 else None  # None: reduce in the parameters' dtype
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=reduce)
+
+
+def set_prefetch(blocks: list, forward: int, backward: int) -> None:
+    """Issue the all-gathers of the next ``forward`` blocks (and, in backward, of the
+    ``backward`` blocks before this one) as soon as a block starts, so communication for
+    several blocks is in flight while one computes. Costs that many blocks of unsharded
+    memory; worth it when all-gathers are latency-bound (many ranks, small blocks)."""
+    for i, block in enumerate(blocks):
+        if forward:
+            block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + forward])
+        if backward:
+            # Backward visits blocks last to first: block i is followed by i-1, i-2, ...
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - backward) : i][::-1])
 
 
 class FSDPStrategy(TorchStateMixin, Strategy):
@@ -29,16 +49,16 @@ class FSDPStrategy(TorchStateMixin, Strategy):
 
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
         model.to(self.ctx.device)
-        policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16 if self.bf16 else None,
-            reduce_dtype=torch.float32 if self.bf16 else None,
-        )
-        reshard = self.cfg.distributed.fsdp.reshard_after_forward
+        fsdp = self.cfg.distributed.fsdp
+        policy = mixed_precision_policy(self.bf16, fsdp.reduce_dtype)
         blocks = transformer_blocks(model)
+        apply_compile(model, self.cfg.train.compile)
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again at once by backward: keep them.
-            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard and i < len(blocks) - 1)
-        fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(block, mp_policy=policy,
+                        reshard_after_forward=fsdp.reshard_after_forward and i < len(blocks) - 1)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=fsdp.reshard_after_forward)
+        set_prefetch(blocks, fsdp.forward_prefetch, fsdp.backward_prefetch)
         self.model = model
         self.optimizer = build_optimizer(model, self.cfg.train, self.lr_scales)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)

@@ -3,6 +3,13 @@
 The DeepSpeed config is generated from ours so batch sizes, clipping and precision cannot
 disagree between the two; ``distributed.deepspeed`` holds raw keys merged on top for
 anything we do not model (bucket sizes, offload, ...).
+
+Communication overlap is generated, and overridable through that pass-through:
+``zero_optimization.overlap_comm`` is on with a GPU (gradient reduction runs on a side
+stream during backward; off on CPU, where gloo has no streams to overlap with),
+``contiguous_gradients`` is on (gradients copied into one buffer as they are produced, no
+fragmentation), and the bucket sizes follow the hidden size (``bucket_sizes``). A raw key,
+e.g. ``distributed.deepspeed.zero_optimization.overlap_comm=false``, wins over the generated one.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 import torch
 
 from shardtune.config import RunConfig
-from shardtune.distributed.strategies.base import StepOutcome, Strategy
+from shardtune.distributed.strategies.base import StepOutcome, Strategy, apply_compile
 from shardtune.train.optim import build_optimizer, build_scheduler
 
 
@@ -90,6 +97,9 @@ class ZeroStrategy(Strategy):
         import deepspeed
 
         model.to(self.ctx.device)
+        # ZeRO-1/2 leave the module's forward alone (only gradients and optimizer states are
+        # partitioned), so compiled forwards run unchanged; zero3 is refused in __init__.
+        apply_compile(model, self.cfg.train.compile)
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         self.ds_config = deepspeed_config(
             self.cfg, self.ctx.world_size, self.stage, self.bf16,
