@@ -192,3 +192,33 @@ def test_strategies_freeze_exactly_under_sharding(tmp_path, pretrained_dir, stra
     assert trainable and moved == trainable, (trainable, moved)
     result = run.result
     assert 0 < result["trainable_params"] < result["total_params"]
+
+
+# -- early stopping across a resume --------------------------------------------------------
+
+# mode=max on the loss: while the loss falls, only the first evaluation is ever the best, so
+# the patience count runs 1, 2, 3 and the run stops at step 4 (best: step 1).
+EARLY_STOP = ["train.max_steps=10", "eval.every=1", "eval.patience=3", "eval.metric=loss", "eval.mode=max",
+              "data.test_fraction=0.05", "checkpoint.keep_last=1", "checkpoint.async_save=false"]
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path):
+    import json
+
+    whole = run_shardtune(tmp_path / "whole", *EARLY_STOP).result
+    assert whole["stopped_reason"].startswith("early stopping at step 4") and whole["best_step"] == 1
+
+    first = run_shardtune(tmp_path / "split", *EARLY_STOP, "train.stop_at_step=2").result
+    assert first["stopped_reason"] == "stop_at_step 2"
+    saved = json.loads((tmp_path / "split" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert saved["eval"]["bad_evals"] == 1 and saved["eval"]["best_step"] == 1
+    assert saved["eval"]["best_checkpoint"].endswith("step-00000001")
+
+    resumed = run_shardtune(tmp_path / "split", *EARLY_STOP).result
+    assert resumed["start_step"] == 2
+    # Without the restored state the resumed run would take step 3 as a new best and stop at 6.
+    for key in ("steps", "stopped_reason", "best_step", "best", "baseline", "test"):
+        assert resumed[key] == whole[key], key
+    # keep_last=1 would have deleted the best checkpoint after the resume had it not stayed pinned.
+    assert resumed["best_checkpoint"].endswith("step-00000001")
+    assert (tmp_path / "split" / "checkpoints" / "step-00000001").is_dir()

@@ -70,7 +70,7 @@ def plot_curves(run_dir: Path, records: list[dict], keys: list[str]) -> list[str
     fig.savefig(run_dir / "loss.png", dpi=110)
     plt.close(fig)
     written.append("loss.png")
-    shown = [k for k in keys if k != "loss" and val and k in val[0]]
+    shown = [k for k in keys if k != "loss" and any(k in r for r in val)]
     # Scores in [0, 1] share one axis; perplexity (unbounded) gets its own.
     panels = [[k for k in shown if k != "perplexity"]] + ([["perplexity"]] if "perplexity" in shown else [])
     panels = [p for p in panels if p]
@@ -78,7 +78,8 @@ def plot_curves(run_dir: Path, records: list[dict], keys: list[str]) -> list[str
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
         for ax, panel in zip(axes[0], panels, strict=True):
             for key in panel:
-                line, = ax.plot([r["step"] for r in val], [r[key] for r in val], "o-", label=f"val {key}")
+                points = [r for r in val if key in r]  # exact match may be generated at some evaluations only
+                line, = ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=f"val {key}")
                 if baseline and key in baseline:
                     ax.axhline(baseline[key], color=line.get_color(), ls=":", alpha=0.8)
             ax.set_xlabel("optimizer step")
@@ -110,6 +111,23 @@ def _data_section(summary: dict) -> list[str]:
     return lines
 
 
+def _generations_section(records: list[dict]) -> list[str]:
+    """Greedy answers at the baseline and in the last evaluation that generated (rank 0's first few)."""
+    generated = [r for r in records if r.get("generations") and r["kind"] in ("val", "test")]
+    if not generated:
+        return []
+    lines = ["", "Generated answers (greedy; exact match after normalisation):", "",
+             "| when | prompt (end) | reference | generated | match |", "|---|---|---|---|---|"]
+    picks = [generated[0]] + ([generated[-1]] if len(generated) > 1 else [])
+    for r in picks:
+        when = "baseline" if r["step"] == 0 and r["kind"] == "val" else f"{r['kind']} step {r['step']}"
+        for g in r["generations"]:
+            cells = [g["prompt"][-50:], g["reference"], g["generated"]]
+            cells = [c.replace("|", "\\|").replace("\n", "⏎") for c in cells]
+            lines.append(f"| {when} | {' | '.join(cells)} | {'yes' if g['match'] else 'no'} |")
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     result = json.loads((run_dir / "result.json").read_text())
@@ -118,7 +136,9 @@ def write_report(run_dir: str | Path) -> Path:
     summary_file = run_dir / "data_summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     task = result.get("task", "causal_lm")
-    keys = HEADLINE[task]
+    keys = list(HEADLINE[task])
+    if "exact_match" in (result.get("baseline") or result.get("final") or {}):
+        keys.append("exact_match")
     records = read_metrics(run_dir)
     plots = plot_curves(run_dir, records, keys)
     ft = config.get("finetune", {})
@@ -142,6 +162,7 @@ def write_report(run_dir: str | Path) -> Path:
         from shardtune.eval.metrics import confusion_markdown
 
         lines += ["", "Test confusion matrix (best checkpoint):", "", confusion_markdown(test_conf, summary["labels"])]
+    lines += _generations_section(records)
     lines += ["", "## Curves", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Data", ""] + _data_section(summary)
     lines += ["", "## Config", "", "```yaml", config_text.rstrip(), "```", ""]

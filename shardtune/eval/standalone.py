@@ -72,11 +72,23 @@ def evaluate_model_dir(model_dir: Path, cfg: RunConfig, split: str) -> dict:
             if trained != data.label_names:
                 raise ConfigError(f"the model's labels {trained} differ from the data's {data.label_names}")
         sequences = source.epoch(0)  # the order does not change the metrics
-        return evaluate(
-            _Runner(model, ctx), build_task(cfg, data.num_labels), sequences,
+        runner = _Runner(model, ctx)
+        metrics = evaluate(
+            runner, build_task(cfg, data.num_labels), sequences,
             micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank, world_size=ctx.world_size,
             label_names=data.label_names,
         )
+        gen = cfg.eval.generate
+        if gen.samples:  # the same prompts and scoring as the run's own evaluations
+            from shardtune.eval.generate import evaluate_generation, generation_samples
+
+            samples = generation_samples(source, gen.samples, max(1, cfg.data.seq_len - gen.max_new_tokens))
+            generated = evaluate_generation(
+                runner, tokenizer, samples, micro_batch_size=gen.micro_batch_size or cfg.train.micro_batch_size,
+                max_new_tokens=gen.max_new_tokens, rank=ctx.rank, world_size=ctx.world_size,
+            )
+            metrics.update({k: v for k, v in generated.items() if k != "generations"})
+        return metrics
     finally:
         shutdown()
 

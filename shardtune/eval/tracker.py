@@ -12,14 +12,20 @@ once at the end (best checkpoint), and a ``summary`` text table of baseline vs f
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
 import torch
 import torch.distributed as dist
 
-from shardtune.eval.evaluate import evaluate, scalars
+from shardtune.eval.evaluate import evaluate, preserved_rng, scalars
+from shardtune.eval.generate import evaluate_generation, generation_samples
 from shardtune.eval.metrics import confusion_markdown
+
+# Early-stopping state kept in checkpoints (trainer_state.json, key "eval"): a resumed run
+# continues the patience count and keeps its baseline and best instead of starting afresh.
+_STATE_KEYS = ("baseline", "latest", "best", "best_step", "bad_evals", "last_step", "history", "best_checkpoint")
 
 
 class EvalTracker:
@@ -27,6 +33,7 @@ class EvalTracker:
         self.cfg, self.ctx, self.strategy, self.log = cfg, ctx, strategy, log
         self.task = parts.task
         self.label_names = parts.data.label_names if parts.data else None
+        self.val_source = parts.val_source
         self.val = parts.val_source.epoch(0)
         self.test_source = parts.data.test if parts.data else None
         self.metric, self.mode = cfg.eval_metric, cfg.eval_mode
@@ -40,8 +47,25 @@ class EvalTracker:
         self.best_step: int | None = None
         self.bad_evals = 0
         self.last_step: int | None = None
+        self.best_checkpoint: str | None = None  # set by the loop when it saves the best step
         self.seconds = 0.0  # time spent evaluating (the loop excludes it from throughput)
         self.history: list[dict] = []
+        self.total_steps = parts.total_steps
+        self.gen = cfg.eval.generate
+        self.tokenizer = parts.tokenizer
+        self._samples: dict[str, list] = {}
+
+    # -- resumable state -------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Plain JSON: metrics are scalar dicts (plus a confusion matrix as nested lists)."""
+        # A copy: an asynchronous save serialises it later, while evaluations go on.
+        return json.loads(json.dumps({k: getattr(self, k) for k in _STATE_KEYS}))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in _STATE_KEYS:
+            if key in state:
+                setattr(self, key, state[key])
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -51,33 +75,60 @@ class EvalTracker:
 
     # -- evaluations -----------------------------------------------------------------------
 
-    def run(self, sequences) -> dict:
+    def run(self, sequences, split: str = "validation", source=None, generate: bool = False) -> dict:
         start = time.perf_counter()
         metrics = evaluate(self.strategy, self.task, sequences, **self.kwargs)
+        if generate and self.gen.samples:
+            if split not in self._samples:
+                max_prompt = max(1, self.cfg.data.seq_len - self.gen.max_new_tokens)
+                self._samples[split] = generation_samples(source, self.gen.samples, max_prompt)
+            with preserved_rng():
+                metrics.update(evaluate_generation(
+                    self.strategy, self.tokenizer, self._samples[split],
+                    micro_batch_size=self.gen.micro_batch_size or self.cfg.train.micro_batch_size,
+                    max_new_tokens=self.gen.max_new_tokens, rank=self.ctx.rank,
+                    world_size=self.ctx.world_size, examples=self.gen.examples,
+                ))
         self.seconds += time.perf_counter() - start
         return metrics
 
+    def _generate_at(self, step: int) -> bool:
+        return bool(self.gen.samples) and (self.gen.every_eval or step in (0, self.total_steps))
+
+    def _extra(self, metrics: dict, kind: str, step: int) -> dict | None:
+        extra = {}
+        if "confusion" in metrics:
+            extra["confusion"] = metrics["confusion"]
+            self.log.text(f"{kind}/confusion_matrix", confusion_markdown(metrics["confusion"], self.label_names), step)
+        if metrics.get("generations"):
+            extra["generations"] = metrics["generations"]
+            rows = ["| prompt (end) | reference | generated | match |", "|---|---|---|---|"]
+            rows += [f"| {_cell(e['prompt'][-60:])} | {_cell(e['reference'])} | {_cell(e['generated'])} | "
+                     f"{'yes' if e['match'] else 'no'} |" for e in metrics["generations"]]
+            self.log.text(f"{kind}/generations", "\n".join(rows), step)
+        return extra or None
+
     def evaluate_baseline(self, step: int) -> dict:
-        """Before the first update (a resumed run evaluates too, but has no baseline)."""
+        """Before the first update. A resumed run whose checkpoint holds the evaluation state
+        has its baseline already and skips this; an older checkpoint evaluates without one."""
+        if step > 0 and self.baseline is not None:
+            return self.baseline
         metrics = self.evaluate(step, track=False)
         if step == 0:
-            self.baseline = metrics
+            self.baseline = scalars(metrics)
             self.log.log(0, scalars(metrics), kind="baseline")
         return metrics
 
     def evaluate(self, step: int, track: bool = True) -> dict:
         """Validation metrics at ``step``; returns them with ``improved`` and ``stop`` decided."""
-        metrics = self.run(self.val)
-        self.latest, self.last_step = metrics, step
-        extra = {"confusion": metrics["confusion"]} if "confusion" in metrics else None
-        self.log.log(step, scalars(metrics), kind="val", extra=extra)
-        if "confusion" in metrics:
-            self.log.text("val/confusion_matrix", confusion_markdown(metrics["confusion"], self.label_names), step)
+        metrics = self.run(self.val, "validation", self.val_source, generate=self._generate_at(step))
+        self.latest, self.last_step = _plain(metrics), step
+        self.log.log(step, scalars(metrics), kind="val", extra=self._extra(metrics, "val", step))
         improved = stop = False
         if track:
             improved = self._better(metrics)
             if improved:
-                self.best, self.best_step, self.bad_evals = metrics, step, 0
+                self.best, self.best_step, self.bad_evals = _plain(metrics), step, 0
             else:
                 self.bad_evals += 1
             patience = self.cfg.eval.patience
@@ -105,19 +156,27 @@ class EvalTracker:
     def evaluate_test(self, step: int) -> dict | None:
         if self.test_source is None or not self.cfg.eval.test_at_end:
             return None
-        metrics = self.run(self.test_source.epoch(0))
-        extra = {"confusion": metrics["confusion"]} if "confusion" in metrics else None
-        self.log.log(step, scalars(metrics), kind="test", extra=extra)
+        metrics = self.run(self.test_source.epoch(0), "test", self.test_source, generate=bool(self.gen.samples))
+        self.log.log(step, scalars(metrics), kind="test", extra=self._extra(metrics, "test", step))
         return metrics
 
     def write_summary(self, step: int, test: dict | None) -> None:
         """A baseline / best / final / test table as TensorBoard text."""
         rows = [("baseline (step 0)", self.baseline), (f"best (step {self.best_step})", self.best),
                 (f"final (step {self.last_step})", self.latest), ("test (best checkpoint)", test)]
-        keys = [k for k in ("loss", "perplexity", "token_accuracy", "accuracy", "f1_macro",
+        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "f1_macro",
                             "precision_macro", "recall_macro") if self.latest and k in self.latest]
         lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for name, m in rows:
             if m:
-                lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
+                lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "–" for k in keys) + " |")
         self.log.text("summary", "\n".join(lines), step)
+
+
+def _plain(metrics: dict) -> dict:
+    """What the tracker keeps (and checkpoints): scalars and the confusion matrix, no examples."""
+    return {k: v for k, v in metrics.items() if k != "generations"}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

@@ -4,6 +4,10 @@ Templates are plain bash with ``{{field}}`` markers. Every value is passed throu
 ``shlex.quote``, so a config path or override can never run as shell code; values that land in
 ``#SBATCH`` lines, which no shell parses, must not need quoting at all. An ``#SBATCH`` line
 whose field has no value (no partition given, no GPUs) is left out.
+
+``shardtune sweep --slurm`` renders ``slurm/sweep-array.sbatch`` (``SlurmArrayJob``): one
+array task per grid combination, each task's arguments in a ``case`` branch built from
+quoted words (``ShellCode``), and a dependent job that collects the table.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ LAUNCHERS = {
     "torchrun": "torchrun.sbatch",  # one task per node running torchrun, c10d rendezvous
     "srun": "srun.sbatch",  # one task per rank, process group from SLURM variables
 }
+# `shardtune sweep --slurm`: one array task per grid combination.
+ARRAY_TEMPLATE = "sweep-array.sbatch"
 DEFAULT_WARN_SECONDS = 180
 DEFAULT_MAX_REQUEUES = 3
 
@@ -30,6 +36,11 @@ _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$|^(UNLIMITED|INFINITE)
 
 class SubmitError(RuntimeError):
     pass
+
+
+class ShellCode(str):
+    """Shell text that shardtune built itself with every value already ``shlex.quote``-d:
+    ``render_script`` inserts it as is (never into an ``#SBATCH`` line)."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +140,12 @@ def render_script(template: str, fields: dict[str, object]) -> str:
             missing = [n for n in names if fields[n] is None]
             raise SubmitError(f"template line {number}: field(s) {', '.join(missing)} have no value")
 
-        def fill(match: re.Match, is_directive: bool = is_directive) -> str:
+        def fill(match: re.Match, is_directive: bool = is_directive, number: int = number) -> str:
             value = fields[match.group(1)]
+            if isinstance(value, ShellCode):
+                if is_directive:
+                    raise SubmitError(f"template line {number}: {match.group(1)} cannot go into an #SBATCH line")
+                return str(value)
             word = _shell_word(value)
             if is_directive and (word != str(value) or not str(value)):
                 raise SubmitError(
@@ -147,16 +162,81 @@ def render_job(job: SlurmJob, template: Path | None = None) -> str:
     return render_script(template_path(job.launcher, template).read_text(), job.fields())
 
 
-def submit(script: str, job: SlurmJob) -> str:
-    """Write the script next to the run's outputs, sbatch it, return the job id."""
-    job.output_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the log's folder
-    script_path = job.output_dir / f"{job.job_name}.sbatch"
-    script_path.write_text(script)
+@dataclass(frozen=True)
+class SlurmArrayJob(SlurmJob):
+    """A sweep: array task ``i`` runs ``tasks[i]`` = (run directory, ``shardtune launch`` arguments).
+
+    ``output_dir`` is the sweep directory; ``run_name`` names the job. Each task gets the
+    same resources (``nodes`` x ``ranks_per_node``); ``max_parallel`` caps tasks running at once.
+    """
+
+    tasks: tuple[tuple[Path, tuple[str, ...]], ...] = ()
+    max_parallel: int | None = None
+
+    @property
+    def log_file(self) -> Path:
+        # %A: the array's job id, %a: the task index.
+        return self.output_dir / "slurm-%A_%a.out"
+
+    def log_path(self, job_id: str, task: int | str = "*") -> Path:
+        return self.output_dir / f"slurm-{job_id}_{task}.out"
+
+    @property
+    def array(self) -> str:
+        if not self.tasks:
+            raise SubmitError("the sweep has no combination to run")
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise SubmitError(f"--max-parallel must be at least 1, got {self.max_parallel}")
+        spec = f"0-{len(self.tasks) - 1}"
+        return spec + (f"%{self.max_parallel}" if self.max_parallel else "")
+
+    def fields(self) -> dict[str, object]:
+        cases = []
+        for i, (run_dir, args) in enumerate(self.tasks):
+            cases.append(f"  {i}) RUN_DIR={shlex.quote(str(run_dir))}\n"
+                         f"     TRAIN_ARGS=({_shell_word(list(args))}) ;;")
+        return {**super().fields(), "array": self.array, "num_tasks": len(self.tasks),
+                "task_cases": ShellCode("\n".join(cases))}
+
+
+def render_array_job(job: SlurmArrayJob, template: Path | None = None) -> str:
+    path = template or TEMPLATE_DIR / ARRAY_TEMPLATE
+    if not path.is_file():
+        raise SubmitError(f"sbatch template {path} not found; pass --template PATH (a copy of slurm/{ARRAY_TEMPLATE})")
+    return render_script(path.read_text(), job.fields())
+
+
+def collect_command(job: SlurmArrayJob, array_job_id: str) -> list[str]:
+    """sbatch arguments of the job that writes the sweep table once every array task has ended
+    (``afterany``: failed tasks are rows of the table too)."""
+    command = shlex.join([job.python, "-m", "shardtune", "sweep", "--collect", str(job.output_dir)])
+    cmd = ["sbatch", "--parsable", f"--dependency=afterany:{array_job_id}", f"--job-name={job.job_name}-collect",
+           "--nodes=1", "--ntasks=1", f"--chdir={job.workdir}",
+           f"--output={job.output_dir / 'slurm-collect-%j.out'}"]
+    for flag, value in (("--partition", job.partition), ("--account", job.account)):
+        if value:
+            cmd.append(f"{flag}={value}")
+    return [*cmd, "--wrap", command]
+
+
+def _sbatch(cmd: list[str]) -> str:
     try:
-        proc = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:
         raise SubmitError("sbatch not found: run this on a SLURM login node (or use --dry-run)") from None
     if proc.returncode != 0:
         raise SubmitError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     # --parsable prints "jobid" or "jobid;cluster".
     return proc.stdout.strip().split(";", 1)[0]
+
+
+def submit(script: str, job: SlurmJob) -> str:
+    """Write the script next to the run's outputs, sbatch it, return the job id."""
+    job.output_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the log's folder
+    script_path = job.output_dir / f"{job.job_name}.sbatch"
+    script_path.write_text(script)
+    return _sbatch(["sbatch", "--parsable", str(script_path)])
+
+
+def submit_collect(job: SlurmArrayJob, array_job_id: str) -> str:
+    return _sbatch(collect_command(job, array_job_id))
