@@ -14,7 +14,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 # DeepSpeed JIT-compiles its CPU ops here once; tests and the demo reuse the cache.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo demo-classify test test-fast cluster-test faults bench lint install warm clean
+.PHONY: demo demo-classify demo-chat test test-fast cluster-test faults bench bench-data lint install warm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,13 +38,26 @@ demo-classify: warm
 	$(VENV)/bin/shardtune sweep configs/classify-minilm.yaml --nproc 2 \
 	  --grid finetune.strategy=frozen_head,full,lora metrics.progress_bar=false
 
+# Chat SFT on a causal LM, 2 CPU ranks, two stages. Stage 1 stands in for a hub checkpoint
+# (none can be downloaded here): a ~1M-parameter Llama pre-trained by shardtune on the built-in
+# corpus, exported to a Hugging Face directory. Stage 2 fine-tunes that directory on generated
+# chat data (assistant-only loss) with full / frozen_head / lora, scoring exact match of greedy
+# answers against the baseline. Writes runs/chat-sft-sweep/sweep.md (+ .csv) and a report per run.
+demo-chat: warm
+	$(VENV)/bin/shardtune launch configs/chat-sft-pretrain.yaml --nproc 2
+	rm -rf runs/chat-sft-pretrain/hf
+	$(VENV)/bin/shardtune ckpt export runs/chat-sft-pretrain/checkpoints runs/chat-sft-pretrain/hf
+	$(PY) -m shardtune.data.synthetic_chat runs/chat-sft-data.jsonl --records 3000
+	$(VENV)/bin/shardtune data prepare configs/chat-sft.yaml --no-progress
+	$(VENV)/bin/shardtune sweep configs/chat-sft.yaml --nproc 2 --grid finetune.strategy=full,frozen_head,lora
+
 # Build DeepSpeed's CPU communication op in one process before tests run ranks in parallel,
 # or the first multi-rank test races the compile.
 warm: $(STAMP)
 	$(PY) -m shardtune.distributed.warm
 
 test: warm
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not distributed and not cluster" tests
@@ -61,6 +74,12 @@ cluster-test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+
+# Data path on one core vs Hugging Face datasets streaming; resume cost (~5 min on a quiet core).
+# datasets is the bench extra, installed on first use.
+bench-data: $(STAMP)
+	$(PY) -c "import datasets" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) bench/data.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check shardtune tests bench

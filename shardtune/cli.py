@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from shardtune.config import ConfigError, dump_config, load_config
+from shardtune.run_dirs import restrict_umask
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--nproc", type=int, default=1, help="ranks per run")
     p_sweep.add_argument("--port", type=int, default=29500)
     p_sweep.add_argument("--out", help="sweep directory (default: <runs>/<run.name>-sweep)")
+    p_sweep.add_argument("--collect", metavar="SWEEP_DIR",
+                         help="only (re)write sweep.md/.csv of a sweep directory from what its runs wrote")
+    p_sweep.add_argument("--slurm", action="store_true",
+                         help="submit a SLURM job array (task i runs combination i) plus a dependent job "
+                         "that writes the table; the options below apply to every task")
+    p_sweep.add_argument("--nodes", type=int, default=1, help="--slurm: nodes per combination")
+    p_sweep.add_argument("--gpus-per-node", type=int, default=0, help="--slurm: 0 on CPU-only nodes")
+    p_sweep.add_argument("--ranks-per-node", type=int, help="--slurm: default --nproc, or one per GPU")
+    p_sweep.add_argument("--partition")
+    p_sweep.add_argument("--account")
+    p_sweep.add_argument("--time", help="--slurm: wall-clock limit per task, e.g. 4:00:00")
+    p_sweep.add_argument("--cpus-per-task", type=int)
+    p_sweep.add_argument("--max-parallel", type=int, help="--slurm: at most this many tasks at once (--array=0-N%%K)")
+    p_sweep.add_argument("--max-requeues", type=int, default=3, help="--slurm: requeues per task after preemption")
+    p_sweep.add_argument("--warn-seconds", type=int, default=180,
+                         help="--slurm: SIGUSR1 this long before the time limit, to checkpoint")
+    p_sweep.add_argument("--template", help="--slurm: sbatch template instead of slurm/sweep-array.sbatch")
+    p_sweep.add_argument("--no-collect-job", action="store_true", help="--slurm: submit the array only")
+    p_sweep.add_argument("--dry-run", action="store_true", help="--slurm: print the array script, submit nothing")
 
     p_eval = sub.add_parser(
         "eval", help="evaluate a checkpoint or Hugging Face directory on a split",
@@ -173,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (``launch cfg --nproc 2 train.lr=1``), which argparse
     # leaves unparsed once the positionals are filled: collect those, reject anything else.
     args, extra = parser.parse_known_args(argv)
+    # Before anything is written (and inherited by torchrun's workers): no group/world write.
+    restrict_umask()
     if args.command == "ckpt":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -199,9 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         if stray:
             parser.error(f"unrecognized arguments: {' '.join(stray)}")
         config_path, overrides = _split_config_and_overrides(args)
+        from shardtune.launch.slurm import SubmitError
+        from shardtune.sweep import collect_sweep, submit_sweep_array
+
         try:
-            run_sweep(config_path, args.grid, [*overrides, *extra], nproc=args.nproc, out=args.out, port=args.port)
-        except ConfigError as exc:
+            if args.collect:
+                print(collect_sweep(args.collect).read_text(), end="")
+            elif args.slurm:
+                return submit_sweep_array(config_path, args.grid, [*overrides, *extra], args)
+            else:
+                run_sweep(config_path, args.grid, [*overrides, *extra], nproc=args.nproc, out=args.out,
+                          port=args.port)
+        except (ConfigError, SubmitError) as exc:
             print(f"shardtune: {exc}", file=sys.stderr)
             return 2
         return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
@@ -41,7 +41,18 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str = "sdpa"
-    activation_checkpointing: bool = False
+    # Recompute activations in backward instead of keeping them: none; full (every
+    # transformer block); selective (every ``activation_checkpointing_every``-th block, the
+    # rest keep theirs: less recompute where memory allows). true/false mean full/none.
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing_every: int = Field(2, ge=2)
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # configs written before the policies existed
+            return "full" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -96,6 +107,25 @@ class PrepareSection(_Section):
     progress: bool = True
 
 
+class MixtureSourceSection(_Section):
+    """One dataset of ``data.mixture``: a JSONL file or a prepared directory, and its weight."""
+
+    name: str | None = None  # default: the file or directory name
+    path: str | None = None
+    prepared_dir: str | None = None
+    weight: float = Field(gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> MixtureSourceSection:
+        if (self.path is None) == (self.prepared_dir is None):
+            raise ValueError("set exactly one of path (JSONL) or prepared_dir")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path or self.prepared_dir).name
+
+
 class DataSection(_Section):
     # ``synthetic`` generates the built-in task (no files needed); ``jsonl`` reads
     # prompt/completion or text records from ``path``; ``prepared`` memory-maps the shards
@@ -103,6 +133,10 @@ class DataSection(_Section):
     source: Literal["synthetic", "jsonl", "prepared"] = "synthetic"
     path: str | None = None
     prepared_dir: str | None = None
+    # Prepared shards are always checked for existence and size when a run opens them; this
+    # also hashes each (sha256, a sequential read of the split on every rank) against the
+    # manifest. Turn off for very large prepared sets on trusted storage.
+    verify_checksums: bool = True
     prepare: PrepareSection = PrepareSection()
     seq_len: int = Field(256, ge=8)
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
@@ -110,9 +144,31 @@ class DataSection(_Section):
     # split, evaluated once at the end with the best checkpoint. Prepared data has its own.
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     synthetic: SyntheticDataSection = SyntheticDataSection()
+    # ``concat``: documents back to back, cut every seq_len tokens (no padding; a cut may
+    # separate a prompt from its response). ``whole_documents``: each document whole in one
+    # sequence, padded; longer ones truncated to seq_len (counted in data_summary.json).
+    packing: Literal["concat", "whole_documents"] = "concat"
+    # Background threads building the next steps (0 = in the training loop's thread), and
+    # how many steps they may run ahead.
+    num_workers: int = Field(0, ge=0)
+    prefetch_steps: int = Field(2, ge=1)
+    # Weighted datasets mixed into one order (causal LM); replaces source/path/prepared_dir.
+    mixture: list[MixtureSourceSection] | None = None
 
     @model_validator(mode="after")
     def _path_for_files(self) -> DataSection:
+        if self.mixture is not None:
+            if not self.mixture:
+                raise ValueError("data.mixture needs at least one source")
+            # By value, not by fields set: a dumped config (config.yaml) spells out the defaults.
+            given = [k for k, default in (("source", "synthetic"), ("path", None), ("prepared_dir", None))
+                     if getattr(self, k) != default]
+            if given:
+                raise ValueError(f"data.mixture replaces data.{'/'.join(given)}: remove them")
+            labels = [m.label for m in self.mixture]
+            repeated = sorted({x for x in labels if labels.count(x) > 1})
+            if repeated:
+                raise ValueError(f"data.mixture names must be unique (repeated: {', '.join(repeated)}); set name")
         if self.source == "jsonl" and not self.path:
             raise ValueError("data.source=jsonl needs data.path")
         if self.source == "prepared" and not self.prepared_dir:
@@ -144,6 +200,17 @@ class TrainSection(_Section):
     # Stop anyway after this many consecutive skipped steps: a run that only skips is broken.
     max_consecutive_nonfinite: int = Field(10, ge=1)
     eval_batches: int | None = Field(None, ge=1)
+    # torch.compile: none; blocks (each transformer block's forward, compiled before the
+    # strategy wraps it, so FSDP2's per-block hooks stay outside the graphs); model (the
+    # whole forward; ddp, zero1, zero2 only). true means blocks.
+    compile: Literal["none", "blocks", "model"] = "none"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "blocks" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _length(self) -> TrainSection:
@@ -159,6 +226,12 @@ class TrainSection(_Section):
 
 class FSDPSection(_Section):
     reshard_after_forward: bool = True
+    # Explicit prefetch: how many following blocks each block all-gathers ahead of need in
+    # forward / backward. 0 = FSDP2's own default (backward prefetches one block implicitly).
+    forward_prefetch: int = Field(0, ge=0)
+    backward_prefetch: int = Field(0, ge=0)
+    # Gradient reduce-scatter dtype under bf16; auto = fp32 (exact sums, twice the bytes).
+    reduce_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class DistributedSection(_Section):
@@ -258,6 +331,20 @@ class FinetuneSection(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class GenerateSection(_Section):
+    """Greedy generation on a sample of prompts, scored by normalised exact match (causal LM)."""
+
+    # Prompts per evaluation (taken evenly across the split; 0 = no generation). A prompt is
+    # a document up to its last target span (the final assistant turn, or the completion).
+    samples: int = Field(0, ge=0)
+    max_new_tokens: int = Field(16, ge=1)  # every rank runs exactly this many decode steps
+    micro_batch_size: int | None = Field(None, ge=1)  # default: train.micro_batch_size
+    # Also generate at every periodic evaluation (needed for eval.metric=exact_match);
+    # otherwise only for the baseline, the final evaluation and the test split.
+    every_eval: bool = True
+    examples: int = Field(3, ge=0)  # rank 0's first generations written to metrics.jsonl / TensorBoard
+
+
 class EvalSection(_Section):
     # Evaluate the validation split every n optimizer steps (plus before step 1 and at the
     # end). None = only before and after training.
@@ -273,6 +360,7 @@ class EvalSection(_Section):
     # test split once at the end with it.
     save_best: bool = True
     test_at_end: bool = True
+    generate: GenerateSection = GenerateSection()
 
 
 class RunConfig(_Section):
@@ -298,6 +386,10 @@ class RunConfig(_Section):
                              "train_last_blocks=0 would train nothing")
         if self.eval.patience is not None and self.eval.every is None:
             raise ValueError("eval.patience (early stopping) needs eval.every")
+        if self.eval.generate.samples and self.task != "causal_lm":
+            raise ValueError("eval.generate (exact match of generated answers) needs task=causal_lm")
+        if self.eval_metric == "exact_match" and not (self.eval.generate.samples and self.eval.generate.every_eval):
+            raise ValueError("eval.metric=exact_match needs eval.generate.samples > 0 and eval.generate.every_eval")
         return self
 
     @property

@@ -17,6 +17,7 @@ from shardtune.data.datasets import Datasets, build_datasets
 from shardtune.data.loader import GlobalBatchLoader
 from shardtune.distributed.process_group import DistContext, seed_everything
 from shardtune.distributed.strategies import Strategy, build_strategy
+from shardtune.run_dirs import make_run_dir
 from shardtune.train.finetune import FinetunePlan, apply_finetuning
 from shardtune.train.model import build_model, count_parameters, load_tokenizer, train_tokenizer
 from shardtune.train.tasks import build_task
@@ -63,7 +64,7 @@ def total_optimizer_steps(cfg: RunConfig, loader: GlobalBatchLoader) -> int:
 
 
 def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(cfg.output_dir)  # 0o750: a writable run dir lets others swap checkpoints
     tokenizer = prepare_tokenizer(cfg, ctx)
     data = build_datasets(cfg, tokenizer)
     if ctx.is_main:
@@ -76,6 +77,8 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
         rank=ctx.rank,
         world_size=ctx.world_size,
         max_epochs=cfg.train.epochs,
+        num_workers=cfg.data.num_workers,
+        prefetch_steps=cfg.data.prefetch_steps,
     )
     total_steps = total_optimizer_steps(cfg, loader)
     strategy = build_strategy(cfg, ctx)
@@ -110,8 +113,10 @@ def tensorboard_hint(log_dir: Path) -> str:
     return f"tensorboard --logdir {log_dir}"
 
 
-def trainer_state(cfg: RunConfig, step: int, tokens_seen: int, loader: GlobalBatchLoader, strategy: Strategy) -> dict:
-    """Everything but tensors that a resume needs, as plain JSON."""
+def trainer_state(cfg: RunConfig, step: int, tokens_seen: int, loader: GlobalBatchLoader, strategy: Strategy,
+                  tracker=None) -> dict:
+    """Everything but tensors that a resume needs, as plain JSON (``tracker``: the EvalTracker,
+    whose baseline, best and patience count a resumed run continues)."""
     import shardtune
 
     return {
@@ -119,6 +124,7 @@ def trainer_state(cfg: RunConfig, step: int, tokens_seen: int, loader: GlobalBat
         "tokens_seen": tokens_seen,
         "loader": loader.state_dict(),
         "scheduler": strategy.scheduler.state_dict(),
+        "eval": tracker.state_dict() if tracker is not None else None,
         "config": cfg.model_dump(mode="json"),
         "versions": {
             "shardtune": shardtune.__version__, "torch": torch.__version__, "python": platform.python_version(),

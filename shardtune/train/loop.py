@@ -2,9 +2,9 @@
 
 Per step: this rank takes its share of the global batch, all ranks agree on the number of
 loss tokens (so the gradient is the global token-mean whatever the rank/micro-batch
-split), each micro-batch runs forward+backward, then one all-reduce carries the loss, a
-non-finite flag and any stop request, so every rank takes the same skip/stop/save decision
-at the same step.
+split), each micro-batch runs forward+backward, then one all-reduce carries the loss,
+non-finite flags (loss, and gradients where a rank clips with its own replica's norm) and
+any stop request, so every rank takes the same skip/stop/save decision at the same step.
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
         cfg.checkpoint, cfg.checkpoint_dir, ctx, strategy,
         extras_writer=lambda directory: write_export_extras(directory, parts),
     )
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, eval_state = 0, 0, None
     resume_path = checkpointer.select_for_resume()
     if resume_path is not None:
         state = checkpointer.load(resume_path)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
+        eval_state = state.get("eval")  # absent in checkpoints written before it was saved
         loader.load_state_dict(state["loader"])
         restore_scheduler(strategy.scheduler, state["scheduler"])
 
@@ -125,6 +126,10 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
 
     task = parts.task
     tracker = EvalTracker(cfg, ctx, strategy, parts, log)
+    if eval_state:
+        tracker.load_state_dict(eval_state)
+        if tracker.best_step is not None and cfg.eval.save_best:
+            checkpointer.pinned = {tracker.best_step}  # retention must still keep the best
     result.val_before = tracker.evaluate_baseline(start_step)["loss"]
     result.baseline = _scalars(tracker.baseline)
 
@@ -133,7 +138,7 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
     window_start, window_tokens = time.perf_counter(), 0
     run_start = time.perf_counter()
     for step in range(start_step + 1, parts.total_steps + 1):
-        faults.maybe_kill(step, ctx.rank)
+        faults.step_begins(step, ctx.rank)
         checkpointer.poll()
         micro_batches = loader.next_step()
         if micro_batches is None:  # same answer on every rank: the cursor is global
@@ -151,16 +156,18 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
                     micro_loss = task.loss_sum(strategy.model, batch, device)
                 if faults.nonfinite_loss(step, ctx.rank):
                     micro_loss = micro_loss * float("nan")
-                strategy.backward(micro_loss * scale, is_last)
+                strategy.backward(faults.poison_backward(micro_loss, step, ctx.rank) * scale, is_last)
             loss_sum += micro_loss.detach().double()
+        faults.corrupt_gradient_replica(step, ctx.rank, strategy.model.parameters())
 
         local_bad = 0.0 if torch.isfinite(loss_sum) else 1.0
+        grads_bad = 0.0 if strategy.local_grads_finite() else 1.0
         faults.maybe_stall(step, ctx.rank)
         mark_progress(ctx.rank, step)  # read only if a collective times out
         reduced = all_reduce_sum(
-            [0.0 if local_bad else float(loss_sum), local_bad, float(stop_request.requested)], device
+            [0.0 if local_bad else float(loss_sum), local_bad, float(stop_request.requested), grads_bad], device
         )
-        any_bad, stop_requested = reduced[1] > 0, reduced[2] > 0
+        any_bad, stop_requested = reduced[1] > 0 or reduced[3] > 0, reduced[2] > 0
         outcome = strategy.step(cfg.train.max_grad_norm, skip=any_bad)
         result.steps = step
         tokens_seen += cfg.train.global_batch_size * seq_len
@@ -168,12 +175,17 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
         if any_bad or not outcome.applied:
             consecutive_bad += 1
             result.skipped_steps.append(step)
-            what = "loss" if any_bad else "gradient norm"
+            if reduced[1]:
+                what, count = "loss", int(reduced[1])
+            elif reduced[3]:  # a rank's own gradient copy (DDP replica)
+                what, count = "gradients", int(reduced[3])
+            else:  # the norm reduced across ranks (FSDP2, ZeRO): every rank saw the same value
+                what, count = "gradient norm", 0
             stop = cfg.train.on_nonfinite == "stop" or consecutive_bad >= cfg.train.max_consecutive_nonfinite
             # Every rank reports its own decision: the proof that they all agreed is in each log.
             print(
                 f"[rank {ctx.rank}] step {step}: non-finite {what} on "
-                f"{int(reduced[1]) or 'some'} rank(s); {'stopping' if stop else 'update skipped'}",
+                f"{count or 'some'} rank(s); {'stopping' if stop else 'update skipped'}",
                 file=sys.stderr, flush=True,
             )
             if stop:
@@ -206,7 +218,8 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
             metrics = tracker.evaluate(step)
             if metrics["improved"] and cfg.eval.save_best:
                 checkpointer.pinned = {step}  # retention keeps the best checkpoint
-                checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy))
+                tracker.best_checkpoint = str(checkpointer.root / step_dir_name(step))
+                checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy, tracker))
             window_start += time.perf_counter() - eval_start  # keep evaluation out of throughput
             if metrics["stop"]:
                 result.stopped_reason = (
@@ -216,15 +229,15 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
                 break
 
         if stop_requested:
-            checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy), blocking=True)
+            checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy, tracker), blocking=True)
             result.stopped_reason = f"preempted at step {step} (checkpoint saved)"
             break
         if step == cfg.train.stop_at_step:
-            checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy))
+            checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy, tracker))
             result.stopped_reason = f"stop_at_step {step}"
             break
         if checkpointer.due(step, parts.total_steps) and checkpointer.last_saved_step != step:
-            checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy))
+            checkpointer.save(step, trainer_state(cfg, step, tokens_seen, loader, strategy, tracker))
 
     train_seconds = time.perf_counter() - run_start - tracker.seconds
     trained_steps = result.steps - result.start_step - len(result.skipped_steps)
@@ -247,6 +260,7 @@ def _train(cfg: RunConfig, ctx) -> TrainResult:
     if result.stopped_reason.startswith("non-finite"):
         raise NonFiniteLossError(result.stopped_reason)
     if preempted:
+        stop_request.ignore_further()
         raise Preempted(result.stopped_reason)
     return result
 
@@ -261,7 +275,8 @@ def _finish_evaluation(cfg, result: TrainResult, tracker: EvalTracker, checkpoin
     """Record final/best metrics; evaluate the test split once, with the best checkpoint's weights."""
     result.final = _scalars(tracker.latest)
     result.best, result.best_step = _scalars(tracker.best), tracker.best_step
-    if tracker.best_step is not None and checkpointer.last_saved_step is not None and cfg.eval.save_best:
+    # Not last_saved_step: a resumed run may have saved nothing since, its best predating it.
+    if tracker.best_step is not None and cfg.eval.save_best:
         best_path = checkpointer.root / step_dir_name(tracker.best_step)
         checkpointer.wait()
         if tracker.best_step != result.steps and best_path.is_dir():
