@@ -105,6 +105,9 @@ class PrepareSection(_Section):
     # A Jinja chat template; None = the tokenizer's own, else a built-in ChatML-like one.
     chat_template: str | None = None
     progress: bool = True
+    # Processes that parse and tokenize (1 = in this process). The output is identical for any
+    # count: de-duplication, splitting and writing stay in one process, in input order.
+    workers: int = Field(1, ge=1)
 
 
 class MixtureSourceSection(_Section):

@@ -257,3 +257,38 @@ def test_cli_prepare_then_cached(tmp_path, tokenizer, capsys):
     assert "unchanged" in capsys.readouterr().out
     assert cli_main(["data", "prepare", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o2"),
                      "--tokenizer", str(tok_dir)]) == 2
+
+
+def test_worker_processes_write_identical_shards_and_report(tmp_path, tokenizer, monkeypatch):
+    # Parsing and tokenizing move to worker processes; de-duplication, splitting and writing
+    # stay in input order in the parent, so every byte of the output must be the same.
+    import multiprocessing
+
+    import shardtune.data.prepare as prepare_module
+
+    pools = []
+    real = prepare_module.parse_and_encode_in_workers
+
+    def counting(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            pools.append(len(multiprocessing.active_children()))
+            yield item
+
+    monkeypatch.setattr(prepare_module, "parse_and_encode_in_workers", counting)
+    path = tmp_path / "dirty.jsonl"
+    dirty_jsonl(path)
+    one = prepare_dataset(settings(max_tokens=300), tmp_path / "one", inputs=[str(path)], tokenizer=tokenizer)
+    two = prepare_dataset(settings(max_tokens=300, workers=2), tmp_path / "two", inputs=[str(path)],
+                          tokenizer=tokenizer)
+    assert pools and min(pools) == 2  # two worker processes really did the parsing
+    assert two.report == one.report
+    files = sorted(p.relative_to(one.out_dir) for p in one.out_dir.rglob("*.npy"))
+    assert files and files == sorted(p.relative_to(two.out_dir) for p in two.out_dir.rglob("*.npy"))
+    for name in files:
+        assert (one.out_dir / name).read_bytes() == (two.out_dir / name).read_bytes(), name
+    assert one.manifest["fingerprint"] == two.manifest["fingerprint"]  # the worker count is not a setting of the data
+    # A bad record is still an error naming file:line when a worker parsed it.
+    write_lines(path, [dumps({"text": "fine"}), dumps({"messages": [{"role": "robot", "content": "x"}]})])
+    with pytest.raises(DataError, match=rf"{path}:2: unknown_role"):
+        prepare_dataset(settings(on_bad_record="error", workers=2), tmp_path / "three", inputs=[str(path)],
+                        tokenizer=tokenizer)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from shardtune.config import PrepareSection
 from shardtune.data.corpus import DataError
 from shardtune.data.encoder import DocumentEncoder, resolve_chat_template
+from shardtune.data.prepare_workers import parse_and_encode_in_workers, parse_or_reject
 from shardtune.data.records import (
     BadRecord,
     NearDuplicateIndex,
@@ -109,7 +110,7 @@ def job_fingerprint(inputs: list[dict], settings: PrepareSection, tokenizer_spec
     return _sha256_json({
         "format_version": FORMAT_VERSION,
         "inputs": inputs,
-        "settings": settings.model_dump(mode="json", exclude={"inputs", "progress"}),
+        "settings": settings.model_dump(mode="json", exclude={"inputs", "progress", "workers"}),
         "tokenizer": tokenizer_spec,
         "template": hashlib.sha256(template.encode()).hexdigest(),
     })
@@ -148,23 +149,26 @@ class _Pipeline:
     def run(self, paths: list[Path]) -> None:
         for path in paths:
             items = read_raw_records(path, self.settings.file_type)
-            for location, raw in tqdm(items, desc=path.name, unit="rec", disable=not self.settings.progress):
+            if self.settings.workers > 1:
+                parsed = parse_and_encode_in_workers(items, self.settings.workers, self.encoder.tokenizer,
+                                                     self.encoder.chat_template, self.rules)
+            else:
+                parsed = ((location, parse_or_reject(location, raw, self.rules), None) for location, raw in items)
+            for location, item, encoded in tqdm(parsed, desc=path.name, unit="rec",
+                                                disable=not self.settings.progress):
                 self.acc.read += 1
-                self._admit(location, raw)
+                self._admit(location, item, encoded)
         for split in SPLITS:
             self._encode_pending(split)
             self.writers[split].flush()
         self.acc.check()
 
-    def _admit(self, location: str, raw) -> None:
-        try:
-            if isinstance(raw, BadRecord):
-                raise raw
-            record = parse_record(raw, location, self.rules)
-        except BadRecord as bad:
-            if self.settings.on_bad_record == "error" and bad.reason in INVALID_REASONS:
-                raise DataError(f"{location}: {bad} (data.prepare.on_bad_record=error)") from None
-            self.acc.drop(bad.reason, location, bad.detail)
+    def _admit(self, location: str, record: Record | BadRecord, encoded) -> None:
+        """``encoded``: the record's (ids, mask) when a worker already tokenized it."""
+        if isinstance(record, BadRecord):
+            if self.settings.on_bad_record == "error" and record.reason in INVALID_REASONS:
+                raise DataError(f"{location}: {record} (data.prepare.on_bad_record=error)") from None
+            self.acc.drop(record.reason, location, record.detail)
             return
         digest = record.content_digest()
         if digest in self.seen:
@@ -178,6 +182,9 @@ class _Pipeline:
             # Ids in order of first appearance in the input: appending data keeps existing ids.
             self.labels.setdefault(record.label, len(self.labels))
         split = split_of(digest, self.settings)
+        if encoded is not None:
+            self._write(split, record, digest, *encoded)
+            return
         self.pending[split].append((record, digest))
         if len(self.pending[split]) >= ENCODE_BATCH:
             self._encode_pending(split)
@@ -187,23 +194,26 @@ class _Pipeline:
         if not batch:
             return
         encoded = self.encoder.encode([r for r, _ in batch])
-        max_tokens = self.settings.max_tokens
         for (record, digest), (ids, mask) in zip(batch, encoded, strict=True):
-            if max_tokens is not None and len(ids) > max_tokens:
-                if self.settings.overlong == "drop":
-                    self.acc.drop("overlong", record.location, f"{len(ids)} tokens > {max_tokens}")
-                    continue
-                ids, mask = ids[:max_tokens], mask[:max_tokens]
-                self.acc.truncated += 1
-            targets = int(mask.sum())
-            if targets == 0:
-                self.acc.drop("no_target_tokens", record.location, "nothing left to learn after truncation")
-                continue
-            label = -1 if record.label is None else self.labels[record.label]
-            prompt_length = int(np.argmax(mask))  # leading tokens without loss
-            key = int.from_bytes(digest[:8], "big")
-            self.writers[split].add(ids, mask, prompt_length, label, key)
-            self.acc.keep(split, len(ids), targets)
+            self._write(split, record, digest, ids, mask)
+
+    def _write(self, split: str, record: Record, digest: bytes, ids: np.ndarray, mask: np.ndarray) -> None:
+        max_tokens = self.settings.max_tokens
+        if max_tokens is not None and len(ids) > max_tokens:
+            if self.settings.overlong == "drop":
+                self.acc.drop("overlong", record.location, f"{len(ids)} tokens > {max_tokens}")
+                return
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+            self.acc.truncated += 1
+        targets = int(mask.sum())
+        if targets == 0:
+            self.acc.drop("no_target_tokens", record.location, "nothing left to learn after truncation")
+            return
+        label = -1 if record.label is None else self.labels[record.label]
+        prompt_length = int(np.argmax(mask))  # leading tokens without loss
+        key = int.from_bytes(digest[:8], "big")
+        self.writers[split].add(ids, mask, prompt_length, label, key)
+        self.acc.keep(split, len(ids), targets)
 
 
 def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: list[str] | None = None,
@@ -241,7 +251,7 @@ def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: li
             "fingerprint": fingerprint,
             "created_by": "shardtune data prepare",
             "inputs": input_info,
-            "settings": settings.model_dump(mode="json", exclude={"progress"}),
+            "settings": settings.model_dump(mode="json", exclude={"progress", "workers"}),
             "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
                           "path": "tokenizer"},
             "chat_template": {"source": template_source,
