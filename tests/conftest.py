@@ -49,6 +49,23 @@ class RunOutput:
         return [r["loss"] for r in self.metrics("train")]
 
 
+def losses_by_step(out_dir: Path) -> dict[int, float]:
+    """The train loss per step from a run's metrics.jsonl; a step re-run after a restart
+    appears twice, and the later line (the one the resumed run logged) wins."""
+    rows = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A one-rank gloo group, for code that issues collectives without torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def run_shardtune(
     out_dir: Path, *overrides: str, nproc: int = 1, config: Path = TINY,
     env: dict[str, str] | None = None, timeout: float = 300, expect_ok: bool = True,

@@ -3,14 +3,12 @@ during a save, corruption, export, and safe loading."""
 
 from __future__ import annotations
 
-import json
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_env, run_shardtune
+from conftest import ROOT, losses_by_step, run_env, run_shardtune
 
 from shardtune.checkpoint.manifest import newest_valid_checkpoint
 
@@ -22,11 +20,6 @@ BATCH = "train.global_batch_size=12"
 # measured agreement is ~1e-7 relative over 4 steps, so 1e-5 catches any real divergence
 # (a lost optimizer moment or a wrong LR moves the next loss by >1e-3).
 RESHARD_REL_TOLERANCE = 1e-5
-
-
-def losses_by_step(out_dir: Path) -> dict[int, float]:
-    rows = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
 @pytest.fixture(scope="module")

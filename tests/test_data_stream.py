@@ -16,7 +16,7 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, run_env, run_shardtune
+from conftest import ROOT, TINY, losses_by_step, run_env, run_shardtune
 
 from shardtune.config import ConfigError, DataSection, PrepareSection, load_config
 from shardtune.data.corpus import InMemorySource, build_sources
@@ -382,11 +382,6 @@ def test_mixture_config_errors_name_the_key(tmp_path, entries, message):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert message in str(info.value)
-
-
-def losses_by_step(out_dir) -> dict[int, float]:
-    rows = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
 @pytest.mark.distributed

@@ -66,15 +66,6 @@ class _Runner:
         return contextlib.nullcontext()
 
 
-@pytest.fixture
-def single_process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_evaluate_reduces_a_confusion_matrix_equal_to_sklearn(single_process_group):
     from sklearn.metrics import confusion_matrix, f1_score
 

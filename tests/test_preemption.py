@@ -3,7 +3,6 @@ exits with code 75, and the rerun continues exactly where an uninterrupted run w
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -13,16 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, run_env, run_shardtune
+from conftest import ROOT, TINY, losses_by_step, run_env, run_shardtune
 
 pytestmark = pytest.mark.distributed
 
 STEPS = "train.max_steps=60"
-
-
-def losses_by_step(out_dir: Path) -> dict[int, float]:
-    rows = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
 def trainer_pids(launcher: subprocess.Popen) -> list[int]:

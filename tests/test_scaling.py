@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_shardtune
+from conftest import losses_by_step, run_shardtune
 
 from shardtune.config import ModelSection, load_config
 
@@ -20,11 +19,6 @@ BATCH = ("train.global_batch_size=12", "train.micro_batch_size=1")
 RESHARD_REL_TOLERANCE = 1e-5
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-
-
-def losses_by_step(out_dir: Path) -> dict[int, float]:
-    rows = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
 @pytest.mark.distributed
@@ -152,15 +146,6 @@ def test_compiled_blocks_train_like_eager_under_ddp(tmp_path):
 
 
 # ---- FSDP2 settings --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def single_process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_fsdp_prefetch_and_reduce_dtype_reach_the_sharded_blocks(single_process_group):

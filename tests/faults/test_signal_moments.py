@@ -12,10 +12,9 @@ run did.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import run_shardtune
+from conftest import losses_by_step, run_shardtune
 
 from shardtune.checkpoint.manifest import list_checkpoints, verify_checkpoint
 
@@ -24,11 +23,6 @@ pytestmark = pytest.mark.distributed
 # Evaluations and saves at steps 2, 4, 6, 8; the signal comes at step 4.
 SCHEDULE = ("eval.every=2", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
 PREEMPTED = "checkpoint saved); rerun the same command to resume"
-
-
-def losses_by_step(out_dir: Path) -> dict[int, float]:
-    rows = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
 @pytest.fixture(scope="module")

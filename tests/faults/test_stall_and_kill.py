@@ -4,13 +4,11 @@ latest checkpoint and ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from pathlib import Path
 
 import pytest
-from conftest import run_shardtune
+from conftest import losses_by_step, run_shardtune
 
 pytestmark = pytest.mark.distributed
 
@@ -29,15 +27,6 @@ def test_stalled_rank_is_named_within_the_timeout(tmp_path):
     assert f"within {TIMEOUT_S} s" in run.stderr
     # Start-up (imports, tokenizer, first steps) plus one timeout, not the 600 s sleep.
     assert elapsed < 120, elapsed
-
-
-def losses_by_step(out_dir: Path) -> dict[int, float]:
-    rows = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
-    steps: dict[int, float] = {}
-    for r in rows:
-        if r["kind"] == "train":
-            steps[r["step"]] = r["loss"]  # a re-run step after the restart overwrites: compare the last
-    return steps
 
 
 @pytest.fixture(scope="module")
