@@ -19,8 +19,8 @@ import torch.distributed as dist
 from shardtune.checkpoint.checkpointer import Checkpointer
 from shardtune.config import load_config
 from shardtune.distributed.process_group import init_distributed, shutdown
+from shardtune.tasks import CausalLMTask
 from shardtune.train.components import build_run, trainer_state, write_export_extras
-from shardtune.train.loss import token_loss_sum
 
 
 def timed(fn) -> float:
@@ -39,7 +39,7 @@ def main() -> None:
     strategy = parts.strategy
     # One real step so the optimizer holds its moments, as in any mid-run checkpoint.
     batch = parts.loader.next_step()[0]
-    strategy.backward(token_loss_sum(strategy.model, batch, ctx.device) * 1e-3, True)
+    strategy.backward(CausalLMTask().loss_sum(strategy.model, batch, ctx.device) * 1e-3, True)
     strategy.step(1.0, skip=False)
     ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, ctx, strategy,
                         extras_writer=lambda d: write_export_extras(d, parts))

@@ -59,7 +59,7 @@ def write_jsonl(records: list[dict], path: Path, repeat: int = 1) -> int:
 def build_tokenizer(records: list[dict], vocab_size: int, save_dir: Path):
     """A byte-level BPE trained on the data, loaded back the way a run loads it."""
     from shardtune.config import TokenizerSection
-    from shardtune.train.model import load_tokenizer, train_tokenizer
+    from shardtune.data.tokenizer import load_tokenizer, train_tokenizer
 
     texts = ("\n".join(m["content"] for m in r["messages"]) for r in records)
     train_tokenizer(texts, vocab_size, save_dir)

@@ -48,7 +48,8 @@ def main() -> None:
 
     from shardtune.config import load_config
     from shardtune.data.corpus import build_sources, load_records, record_text
-    from shardtune.train.model import build_model, load_tokenizer, train_tokenizer
+    from shardtune.data.tokenizer import load_tokenizer, train_tokenizer
+    from shardtune.models.loading import build_model
 
     cfg = load_config(None, args.overrides)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -28,11 +28,11 @@ import torch.distributed as dist
 
 from shardtune.checkpoint.checkpointer import Checkpointer
 from shardtune.config import load_config
+from shardtune.distributed.collectives import all_reduce_sum
 from shardtune.distributed.process_group import init_distributed, shutdown
 from shardtune.eval.evaluate import evaluate
+from shardtune.optim import restore_scheduler
 from shardtune.train.components import build_run, trainer_state, write_export_extras
-from shardtune.train.metrics import all_reduce_sum
-from shardtune.train.optim import restore_scheduler
 
 PER_RANK_CPU: list[list[float]] = []  # every timed phase's CPU seconds, one entry per rank
 

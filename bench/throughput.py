@@ -11,8 +11,7 @@ What it measures (every run sequential: the machine has two cores):
 * Hugging Face ``Trainer`` (bench/hf_trainer_worker.py) on the same model, weights, tokenizer
   and packed sequences, same micro/global batch and seq len, at the same layouts (2 ranks
   through torchrun, DDP);
-* (full mode, ``--compile``) a clearly labelled PROTOTYPE of shardtune with
-  ``torch.compile`` monkeypatched in (bench/compile_shim.py); shardtune has no such option.
+* (full mode, ``--compile``) shardtune with ``train.compile=blocks``.
 
 Throughput is steady state: the first ``--warmup`` steps are dropped, the rest are timed in
 windows of ``--window`` steps (shardtune: its own metrics.jsonl windows; HF: step-end times
@@ -99,7 +98,7 @@ QUICK_DATA_OVERRIDES = ["data.synthetic.num_records=4000"]
 @dataclass
 class Job:
     model: str
-    impl: str  # shardtune | hf | shardtune+compile (prototype)
+    impl: str  # shardtune | hf | shardtune+compile
     strategy: str  # ddp..zero3 for shardtune; "ddp" for HF (its only multi-process mode here)
     nproc: int
     threads: int  # per rank
@@ -139,8 +138,8 @@ def model_facts(spec: ModelSpec, data_overrides: list[str]) -> dict:
     import torch
 
     from shardtune.config import load_config
+    from shardtune.models.loading import build_model, count_parameters
     from shardtune.train.metrics import flops_per_token
-    from shardtune.train.model import build_model, count_parameters
 
     cfg = load_config(None, [*data_overrides, *spec.overrides])
     torch.manual_seed(0)
@@ -258,10 +257,9 @@ def run_job(job: Job, facts: dict, plan: Plan, work: Path, rep: int, tokenizer_d
                    f"metrics.log_every={plan.window}", "metrics.progress_bar=false", "metrics.tensorboard=false",
                    # One validation batch, no checkpoint: neither is inside the timed windows, both cost wall time.
                    "train.eval_batches=1", "checkpoint.at_end=false", "checkpoint.resume=never"]
-        if job.impl == "shardtune":
-            cmd = [sys.executable, "-m", "shardtune", "launch", "--nproc", str(job.nproc), *st_args]
-        else:  # prototype: torch.compile monkeypatched in
-            cmd = _torchrun(job.nproc) + [str(BENCH / "compile_shim.py"), "train", *st_args]
+        if job.impl != "shardtune":
+            st_args.append("train.compile=blocks")
+        cmd = [sys.executable, "-m", "shardtune", "launch", "--nproc", str(job.nproc), *st_args]
 
     rc, meter = _run(cmd, _job_env(job), log, plan.timeout_s)
     record = {"rc": rc, "wall_s": round(meter.wall, 1), "foreign_cpu_frac": round(meter.foreign_frac, 3),
@@ -311,7 +309,7 @@ def prepare_tokenizer(tokenizer_dir: Path, env: dict[str, str], data_overrides: 
         "from pathlib import Path\n"
         "from shardtune.config import load_config\n"
         "from shardtune.data.corpus import load_records, record_text\n"
-        "from shardtune.train.model import train_tokenizer\n"
+        "from shardtune.models.loading import train_tokenizer\n"
         "cfg = load_config(None, sys.argv[2:])\n"
         "train_tokenizer((record_text(r) for r in load_records(cfg.data, cfg.run.seed)),"
         " cfg.tokenizer.vocab_size, Path(sys.argv[1]))\n"
@@ -381,7 +379,7 @@ def parse_args(argv=None):
                    help="strategies also measured at 1 rank x 1 thread (for scaling efficiency)")
     p.add_argument("--skip-hf", action="store_true", help="no Hugging Face Trainer reference")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the torch.compile PROTOTYPE (monkeypatched; ddp only)")
+                   help="also run shardtune with train.compile=blocks (ddp only)")
     p.add_argument("--compile-models", nargs="+", choices=sorted(MODELS), default=None)
     p.add_argument("--max-idle-wait", type=float, default=None,
                    help="seconds to wait for other processes to leave the CPUs idle before each run")

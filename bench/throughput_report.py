@@ -120,7 +120,7 @@ def markdown(result: dict) -> str:
     ]
     for r in result["measurements"]:
         label = facts[r["model"]]["label"]
-        impl = "shardtune + torch.compile (PROTOTYPE)" if r["impl"] == "shardtune+compile" else (
+        impl = "shardtune + train.compile=blocks" if r["impl"] == "shardtune+compile" else (
             "HF Trainer" if r["impl"] == "hf" else "shardtune")
         failed = "" if r["n_ok"] == r["n_runs"] else f" ({r['n_runs'] - r['n_ok']} failed)"
         lines.append(
@@ -157,7 +157,7 @@ def markdown(result: dict) -> str:
               "sequences in the same order (sequential sampler), AdamW with the same hyper-parameters and clipping, "
               "ddp_find_unused_parameters=False, no logging/saving; 2 processes through torchrun (DDP, gloo).",
               "", "'other load' = CPU time used by processes outside the benchmark during the run, as a fraction "
-              "of the machine (noise indicator). The PROTOTYPE rows monkeypatch torch.compile into shardtune "
-              "(bench/compile_shim.py); shardtune has no compile option."]
+              "of the machine (noise indicator). The +compile rows run "
+              "shardtune with train.compile=blocks."]
     return "\n".join(lines) + "\n"
 

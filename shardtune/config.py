@@ -16,11 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shardtune.errors import ConfigError
+
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the file and key path."""
 
 
 class _Section(BaseModel):

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardtune.config import ConfigError, load_config
+from shardtune.config import load_config
+from shardtune.errors import ConfigError
 
 METRICS = {"classification": ["accuracy", "f1_macro", "loss"],
            "causal_lm": ["loss", "perplexity", "token_accuracy"]}

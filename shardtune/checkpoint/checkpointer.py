@@ -29,26 +29,25 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
+from shardtune import faults
 from shardtune.checkpoint.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     TRAINER_STATE,
-    CheckpointError,
     CheckpointInfo,
     describe_files,
-    fsync_path,
     list_checkpoints,
     newest_valid_checkpoint,
     read_manifest,
     step_dir_name,
     verify_checkpoint,
-    write_json_atomic,
     write_latest,
 )
 from shardtune.checkpoint.rng import load_rng_state, rng_state
 from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner, safe_load_metadata
+from shardtune.errors import CheckpointError
+from shardtune.integrity import fsync_path, write_json_atomic
 from shardtune.run_dirs import make_run_dir
-from shardtune.train import faults
 
 
 def flatten_shapes(state: dict, prefix: str = "") -> dict[str, list[int]]:

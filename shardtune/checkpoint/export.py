@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from shardtune.checkpoint.manifest import CheckpointError, read_manifest
+from shardtune.checkpoint.manifest import read_manifest
 from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner
+from shardtune.errors import CheckpointError
 
 
 def load_logical_tensors(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:

@@ -6,13 +6,15 @@ and every file listed in ``manifest.json`` exists with the recorded size and sha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from shardtune.errors import CheckpointError
+from shardtune.integrity import fsync_path, sha256_file
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -21,20 +23,8 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    """A missing, corrupt or incompatible checkpoint; the message names the file or tensor."""
-
-
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_files(root: Path, relative_paths: list[str]) -> dict[str, dict]:
@@ -42,23 +32,6 @@ def describe_files(root: Path, relative_paths: list[str]) -> dict[str, dict]:
         rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
         for rel in relative_paths
     }
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(payload, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def write_latest(root: Path, name: str) -> None:

@@ -22,16 +22,10 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from shardtune.checkpoint.manifest import (
-    MANIFEST,
-    CheckpointError,
-    describe_files,
-    fsync_path,
-    read_manifest,
-    verify_checkpoint,
-    write_json_atomic,
-)
+from shardtune.checkpoint.manifest import MANIFEST, describe_files, read_manifest, verify_checkpoint
 from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner, safe_load_metadata
+from shardtune.errors import CheckpointError
+from shardtune.integrity import fsync_path, write_json_atomic
 
 
 def _dtypes(path: Path) -> dict[str, torch.dtype]:

@@ -16,6 +16,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from shardtune.errors import UnsafeCheckpointError
+
 # Everything DCP's metadata legitimately references: its own dataclasses, torch sizes,
 # dtypes and memory formats, and plain containers.
 _ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
@@ -25,10 +27,6 @@ _ALLOWED = {
     ("torch.serialization", "_get_layout"),  # maps "torch.strided" to the layout object
     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),  # the checkpoint_id it was saved under
 }
-
-
-class UnsafeCheckpointError(RuntimeError):
-    pass
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

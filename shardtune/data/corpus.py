@@ -15,10 +15,7 @@ from pathlib import Path
 from shardtune.config import DataSection
 from shardtune.data.packing import CorpusPacker, PackedEpoch, TokenizedCorpus, WholeDocumentEpoch
 from shardtune.data.synthetic import generate_records
-
-
-class DataError(ValueError):
-    """A bad input record; the message names the file and line."""
+from shardtune.errors import DataError
 
 
 def read_jsonl_records(path: str | Path) -> list[dict[str, str]]:
@@ -150,8 +147,8 @@ def load_records(cfg: DataSection, seed: int, task: str = "causal_lm") -> list[d
 
 
 def build_prepared_sources(cfg: DataSection, tokenizer, seed: int):
-    from shardtune.data.prepare import tokenizer_fingerprint
     from shardtune.data.shards import PreparedSource
+    from shardtune.data.tokenizer import tokenizer_fingerprint
 
     fingerprint = tokenizer_fingerprint(tokenizer)
     train = PreparedSource(cfg.prepared_dir, "train", cfg.seq_len, seed, tokenizer_fingerprint=fingerprint,

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from shardtune.config import RunConfig
 from shardtune.data.corpus import (
-    DataError,
     InMemorySource,
     load_records,
     read_jsonl_records,
@@ -19,6 +18,7 @@ from shardtune.data.corpus import (
     tokenize_records,
     with_packing,
 )
+from shardtune.errors import DataError
 
 
 @dataclass
@@ -48,8 +48,8 @@ def _causal_lm(cfg: RunConfig, tokenizer) -> Datasets:
         return _mixture(cfg, tokenizer)
     if data.source == "prepared":
         from shardtune.data.corpus import build_prepared_sources
-        from shardtune.data.prepare import tokenizer_fingerprint
         from shardtune.data.shards import PreparedSource
+        from shardtune.data.tokenizer import tokenizer_fingerprint
 
         train, val = build_prepared_sources(data, tokenizer, seed)
         test = None
@@ -82,8 +82,8 @@ def _mixture_splits(cfg: RunConfig, tokenizer, entry) -> dict:
     """One mixture source's corpora by split (validation falls back to training data)."""
     data, seed = cfg.data, cfg.run.seed
     if entry.prepared_dir:
-        from shardtune.data.prepare import tokenizer_fingerprint
         from shardtune.data.shards import PreparedSource
+        from shardtune.data.tokenizer import tokenizer_fingerprint
 
         fingerprint = tokenizer_fingerprint(tokenizer)
         train = PreparedSource(entry.prepared_dir, "train", data.seq_len, seed, tokenizer_fingerprint=fingerprint,
@@ -139,8 +139,8 @@ def _classification(cfg: RunConfig, tokenizer) -> Datasets:
 
     data, seed = cfg.data, cfg.run.seed
     if data.source == "prepared":
-        from shardtune.data.prepare import tokenizer_fingerprint
         from shardtune.data.shards import PreparedSource, read_manifest
+        from shardtune.data.tokenizer import tokenizer_fingerprint
 
         manifest = read_manifest(data.prepared_dir)
         names = list(manifest.get("labels") or [])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardtune.data.corpus import DataError
 from shardtune.data.records import Record
+from shardtune.errors import DataError
 
 # Used when neither the config nor the tokenizer has a chat template. The end-of-turn token
 # follows each message, so the assistant span (and its loss) includes learning to stop.

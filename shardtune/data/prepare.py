@@ -26,7 +26,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from shardtune.config import PrepareSection
-from shardtune.data.corpus import DataError
 from shardtune.data.encoder import DocumentEncoder, resolve_chat_template
 from shardtune.data.prepare_workers import parse_and_encode_in_workers, parse_or_reject
 from shardtune.data.records import (
@@ -37,18 +36,19 @@ from shardtune.data.records import (
     parse_record,
     read_raw_records,
 )
-from shardtune.data.report import Accounting, format_table, write_report
+from shardtune.data.report import Accounting, write_report
 from shardtune.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
     SPLITS,
-    ShardError,
     ShardWriter,
-    file_sha256,
     read_manifest,
     token_dtype,
     verify_shards,
 )
+from shardtune.data.tokenizer import tokenizer_fingerprint
+from shardtune.errors import DataError, ShardError
+from shardtune.integrity import sha256_file, sha256_json
 from shardtune.run_dirs import make_run_dir
 
 # Problems with the input itself; ``on_bad_record: error`` turns these into hard errors.
@@ -73,24 +73,6 @@ class PrepareResult:
 # Fingerprints
 
 
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Stable across save/load: the tokenization model and the special tokens, not runtime options."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
-    else:
-        spec = sorted(tokenizer.get_vocab().items())
-    # Only the special tokens the encoder inserts: load_tokenizer may add a pad token later.
-    special = {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token}
-    return _sha256_json({"model": spec, "special": special})
-
-
 def resolve_inputs(patterns: list[str]) -> list[Path]:
     paths: list[Path] = []
     for pattern in patterns:
@@ -107,7 +89,7 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
 
 
 def job_fingerprint(inputs: list[dict], settings: PrepareSection, tokenizer_spec: str, template: str) -> str:
-    return _sha256_json({
+    return sha256_json({
         "format_version": FORMAT_VERSION,
         "inputs": inputs,
         "settings": settings.model_dump(mode="json", exclude={"inputs", "progress", "workers"}),
@@ -226,7 +208,7 @@ def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: li
     paths = resolve_inputs(inputs if inputs is not None else settings.inputs)
     if not paths:
         raise DataError("no input files: give them on the command line or in data.prepare.inputs")
-    input_info = [{"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in paths]
+    input_info = [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
     template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
     tokenizer_spec = tokenizer_fingerprint(tokenizer) if tokenizer is not None else f"trained-bpe:{tokenizer_vocab_size}"
     fingerprint = job_fingerprint(input_info, settings, tokenizer_spec, template)
@@ -292,7 +274,7 @@ def _save_tokenizer(tokenizer, save_dir: Path, paths, settings: PrepareSection, 
     if tokenizer is not None:
         tokenizer.save_pretrained(str(save_dir))
         return tokenizer
-    from shardtune.train.model import train_tokenizer
+    from shardtune.data.tokenizer import train_tokenizer
 
     rules = RecordRules(format=settings.format, unicode_form=settings.unicode_form,
                         allowed_roles=tuple(settings.allowed_roles))
@@ -308,53 +290,3 @@ def _save_tokenizer(tokenizer, save_dir: Path, paths, settings: PrepareSection, 
                     continue
 
     return train_tokenizer(texts(), vocab_size, save_dir)
-
-
-# --------------------------------------------------------------------------------------
-# Command line
-
-
-def run_prepare_command(args, extra: list[str], parser) -> int:
-    """``shardtune data prepare [CONFIG] [INPUT ...] [key=value ...] --out DIR``."""
-    from shardtune.config import ConfigError, TokenizerSection, load_config
-    from shardtune.train.model import load_tokenizer
-
-    stray = [a for a in extra if a.startswith("-")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    config_path, inputs, overrides = None, [], []
-    for item in [*args.items, *extra]:
-        if item.endswith((".yaml", ".yml")) and config_path is None:
-            config_path = item
-        elif "=" in item and not Path(item).exists():
-            overrides.append(item)
-        else:
-            inputs.append(item)
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as exc:
-        print(f"shardtune: {exc}", file=sys.stderr)
-        return 2
-    settings = cfg.data.prepare
-    if args.no_progress:
-        settings.progress = False
-    out_dir = args.out or cfg.data.prepared_dir
-    if not out_dir:
-        print("shardtune: give --out DIR (or data.prepared_dir in the config)", file=sys.stderr)
-        return 2
-    tokenizer_path = args.tokenizer or cfg.tokenizer.name_or_path
-    try:
-        tokenizer = None
-        if tokenizer_path:
-            tokenizer = load_tokenizer(TokenizerSection(name_or_path=tokenizer_path), cfg.model.trust_remote_code)
-        result = prepare_dataset(settings, out_dir, inputs=inputs or None, tokenizer=tokenizer,
-                                 tokenizer_vocab_size=cfg.tokenizer.vocab_size)
-    except (DataError, ShardError, FileNotFoundError) as exc:
-        print(f"shardtune: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(result.report), end="")
-    state = "unchanged (inputs and settings match the manifest)" if result.cached else "written"
-    print(f"\n{result.out_dir}: {state}; report in {result.out_dir / 'report.txt'}")
-    print(f"train on it with: data.source=prepared data.prepared_dir={result.out_dir} "
-          f"tokenizer.name_or_path={result.out_dir / 'tokenizer'}")
-    return 0

@@ -24,13 +24,14 @@ alike, instead of a numpy error or a silently different token stream.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from shardtune.data.packing import PackedEpoch, TokenizedCorpus
+from shardtune.errors import ShardError
+from shardtune.integrity import sha256_file
 from shardtune.run_dirs import make_run_dir
 
 MANIFEST = "manifest.json"
@@ -39,20 +40,8 @@ SPLITS = ("train", "validation", "test")
 DOC_ARRAYS = ("doc_offsets", "doc_lengths", "prompt_lengths", "doc_labels", "doc_keys")
 
 
-class ShardError(ValueError):
-    """A prepared directory that is missing, corrupted, or made with another tokenizer."""
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -104,7 +93,7 @@ class ShardWriter:
         for key, array in arrays.items():
             path = shard_dir / f"{key}.npy"
             np.save(path, array)
-            files[path.name] = file_sha256(path)
+            files[path.name] = sha256_file(path)
             sizes[path.name] = path.stat().st_size
         self.shards.append({
             "path": f"{self.split_dir.name}/{name}",
@@ -151,7 +140,7 @@ def verify_shards(prepared_dir: str | Path, manifest: dict, splits=SPLITS, *, ch
                     )
                 if not checksums:
                     continue
-                actual = file_sha256(path)
+                actual = sha256_file(path)
                 if actual != expected:
                     raise ShardError(
                         f"corrupted shard file {path}: sha256 {actual[:16]}... does not match the "

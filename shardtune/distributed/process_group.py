@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shardtune.launch.environment import ProcessEnvironment, detect_environment
+from shardtune.distributed.environment import ProcessEnvironment, detect_environment
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+from shardtune.errors import CollectiveTimeoutError
+
 _KEY = "shardtune/progress/{rank}"
 _FAILURE = re.compile(r"timed out|timeout|connection closed by peer|connection reset|broken pipe", re.I)
-
-
-class CollectiveTimeoutError(RuntimeError):
-    pass
 
 
 def _store():

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from shardtune import faults
 from shardtune.data.loader import collate
 from shardtune.eval.metrics import classification_metrics, language_model_metrics
-from shardtune.train import faults
 
 
 @contextlib.contextmanager

@@ -9,11 +9,11 @@ config given on the command line (required for a plain Hugging Face directory).
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from shardtune.config import ConfigError, RunConfig, load_config
+from shardtune.config import RunConfig, load_config
+from shardtune.errors import ConfigError
 
 
 class _Runner:
@@ -31,7 +31,7 @@ class _Runner:
         return contextlib.nullcontext()
 
 
-def _config_for(path: Path, config: str | None, overrides: list[str]) -> RunConfig:
+def config_for(path: Path, config: str | None, overrides: list[str]) -> RunConfig:
     from shardtune.checkpoint.manifest import TRAINER_STATE
 
     if config is not None:
@@ -53,7 +53,7 @@ def evaluate_model_dir(model_dir: Path, cfg: RunConfig, split: str) -> dict:
     from shardtune.data.datasets import build_datasets
     from shardtune.distributed.process_group import init_distributed, shutdown
     from shardtune.eval.evaluate import evaluate
-    from shardtune.train.tasks import build_task
+    from shardtune.tasks import build_task
 
     ctx = init_distributed(cfg.distributed.init_timeout_s, cfg.distributed.collective_timeout_s)
     try:
@@ -91,34 +91,3 @@ def evaluate_model_dir(model_dir: Path, cfg: RunConfig, split: str) -> dict:
         return metrics
     finally:
         shutdown()
-
-
-def run_eval_command(args, extra: list[str]) -> int:
-    from shardtune.checkpoint.export import export_hf
-    from shardtune.checkpoint.manifest import CheckpointError, resolve_checkpoint, verify_checkpoint
-
-    path = Path(args.path)
-    overrides = [*args.overrides, *extra]
-    try:
-        is_hf = (path / "config.json").is_file()
-        checkpoint = None if is_hf else resolve_checkpoint(path)
-        cfg = _config_for(checkpoint or path, args.config, overrides)
-        with tempfile.TemporaryDirectory() as tmp:
-            if checkpoint is not None:
-                verify_checkpoint(checkpoint, checksums=True)
-                model_dir = export_hf(checkpoint, Path(tmp) / "hf", adapters_only=False)
-            else:
-                model_dir = path
-            metrics = evaluate_model_dir(model_dir, cfg, args.split)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"shardtune: {exc}", file=sys.stderr)
-        return 2
-    shown = {k: v for k, v in metrics.items() if k != "confusion"}
-    print(f"{args.split} split of {cfg.task} data, model {checkpoint or path}:")
-    for key, value in shown.items():
-        print(f"  {key:<24} {value:.4f}")
-    if "confusion" in metrics:
-        print(f"  confusion (rows: true)   {metrics['confusion']}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(metrics, indent=1))
-    return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from shardtune.train.signals import PREEMPTED_EXIT_CODE
+from shardtune.errors import PREEMPTED_EXIT_CODE
 
 
 def torchrun_command(

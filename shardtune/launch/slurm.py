@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardtune.errors import SubmitError
+
 # The repository's slurm/ folder; ``--template`` points elsewhere (a site's adapted copy).
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
 LAUNCHERS = {
@@ -32,10 +34,6 @@ DEFAULT_MAX_REQUEUES = 3
 
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$|^(UNLIMITED|INFINITE)$")
-
-
-class SubmitError(RuntimeError):
-    pass
 
 
 class ShellCode(str):

@@ -15,12 +15,13 @@ from shardtune.config import RunConfig, dump_config
 from shardtune.data.corpus import load_records, record_text
 from shardtune.data.datasets import Datasets, build_datasets
 from shardtune.data.loader import GlobalBatchLoader
+from shardtune.data.tokenizer import load_tokenizer, train_tokenizer
 from shardtune.distributed.process_group import DistContext, seed_everything
 from shardtune.distributed.strategies import Strategy, build_strategy
+from shardtune.models.loading import build_model, count_parameters
 from shardtune.run_dirs import make_run_dir
+from shardtune.tasks import build_task
 from shardtune.train.finetune import FinetunePlan, apply_finetuning
-from shardtune.train.model import build_model, count_parameters, load_tokenizer, train_tokenizer
-from shardtune.train.tasks import build_task
 
 
 @dataclass

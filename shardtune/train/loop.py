@@ -17,27 +17,19 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from shardtune import faults
 from shardtune.checkpoint.checkpointer import Checkpointer
 from shardtune.checkpoint.manifest import step_dir_name
 from shardtune.config import RunConfig
+from shardtune.distributed.collectives import all_reduce_sum
 from shardtune.distributed.process_group import init_distributed, shutdown
 from shardtune.distributed.watchdog import explain_collective_failure, mark_progress
+from shardtune.errors import NonFiniteLossError, Preempted
 from shardtune.eval.tracker import EvalTracker
-from shardtune.train import faults
+from shardtune.optim import restore_scheduler
 from shardtune.train.components import build_run, tensorboard_hint, trainer_state, write_export_extras
-from shardtune.train.metrics import (
-    MetricsLogger,
-    all_reduce_sum,
-    flops_per_token,
-    peak_flops_per_rank,
-    peak_memory_mib,
-)
-from shardtune.train.optim import restore_scheduler
-from shardtune.train.signals import Preempted, StopRequest
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+from shardtune.train.metrics import MetricsLogger, flops_per_token, peak_flops_per_rank, peak_memory_mib
+from shardtune.train.signals import StopRequest
 
 
 @dataclass

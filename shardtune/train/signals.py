@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import signal
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
-
 
 class StopRequest:
     def __init__(self, enabled: bool):
@@ -40,7 +38,3 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-class Preempted(RuntimeError):
-    """Raised after the checkpoint is committed, so the process exits with PREEMPTED_EXIT_CODE."""

@@ -11,10 +11,10 @@ import sys
 import pytest
 from conftest import ROOT, TINY, run_env
 
-from shardtune.config import ConfigError, PrepareSection, load_config
-from shardtune.data.corpus import DataError
+from shardtune.config import PrepareSection, load_config
 from shardtune.data.prepare import prepare_dataset
-from shardtune.train.model import train_tokenizer
+from shardtune.data.tokenizer import train_tokenizer
+from shardtune.errors import ConfigError, DataError
 
 # (overrides, a fragment the message must contain: the key, and usually the reason)
 BAD_CONFIGS = [

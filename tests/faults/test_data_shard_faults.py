@@ -14,8 +14,9 @@ from conftest import run_shardtune
 
 from shardtune.config import PrepareSection
 from shardtune.data.prepare import prepare_dataset
-from shardtune.data.shards import PreparedSource, ShardError
+from shardtune.data.shards import PreparedSource
 from shardtune.data.synthetic import generate_records
+from shardtune.errors import ShardError
 
 pytestmark = pytest.mark.distributed
 

@@ -12,8 +12,8 @@ import torch.distributed
 from shardtune.config import load_config
 from shardtune.distributed.process_group import init_distributed, shutdown
 from shardtune.plan import live_tensor_bytes
+from shardtune.tasks import CausalLMTask
 from shardtune.train.components import build_run
-from shardtune.train.loss import token_loss_sum
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
 ctx = init_distributed(300, 300)
@@ -25,7 +25,7 @@ for step in range(2):
     for i, batch in enumerate(batches):
         is_last = i == len(batches) - 1
         with strategy.micro_step(is_last):
-            strategy.backward(token_loss_sum(strategy.model, batch, ctx.device) * 1e-3, is_last)
+            strategy.backward(CausalLMTask().loss_sum(strategy.model, batch, ctx.device) * 1e-3, is_last)
         if step == 1:
             # Gradients made by autograd have no Python object until touched; gc sees only those.
             grads = [p.grad for p in strategy.unwrapped.parameters()]

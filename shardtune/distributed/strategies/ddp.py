@@ -14,7 +14,7 @@ from shardtune.distributed.strategies.base import (
     apply_compile,
     torch_clip_and_step,
 )
-from shardtune.train.optim import build_optimizer, build_scheduler
+from shardtune.optim import build_optimizer, build_scheduler
 
 
 class DDPStrategy(TorchStateMixin, Strategy):

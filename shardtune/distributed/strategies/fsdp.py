@@ -19,7 +19,7 @@ from shardtune.distributed.strategies.base import (
     torch_clip_and_step,
     transformer_blocks,
 )
-from shardtune.train.optim import build_optimizer, build_scheduler
+from shardtune.optim import build_optimizer, build_scheduler
 
 __all__ = ["FSDPStrategy", "mixed_precision_policy", "set_prefetch", "transformer_blocks"]
 

@@ -22,7 +22,7 @@ import torch
 
 from shardtune.config import RunConfig
 from shardtune.distributed.strategies.base import StepOutcome, Strategy, apply_compile
-from shardtune.train.optim import build_optimizer, build_scheduler
+from shardtune.optim import build_optimizer, build_scheduler
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

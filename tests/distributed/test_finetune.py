@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import ROOT, run_shardtune
 
-from shardtune.config import ConfigError, FinetuneSection, TrainSection, load_config
+from shardtune.config import FinetuneSection, TrainSection, load_config
+from shardtune.errors import ConfigError
+from shardtune.optim import build_optimizer, build_scheduler
 from shardtune.train.finetune import apply_finetuning
-from shardtune.train.optim import build_optimizer, build_scheduler
 
 TINY_CLASSIFY = ROOT / "tests" / "configs" / "tiny-classify.yaml"
 LAYERS = 3
@@ -148,7 +149,7 @@ def pretrained_dir(tmp_path_factory):
     """A tiny 'pre-trained' BERT (base model only: the classification head will be new)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from shardtune.train.model import resolve_model_path
+    from shardtune.data.tokenizer import resolve_model_path
 
     out = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(3)

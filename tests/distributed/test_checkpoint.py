@@ -121,7 +121,8 @@ def test_export_loads_with_from_pretrained_and_gives_the_same_logits(tmp_path):
 
     from shardtune.checkpoint.export import load_logical_tensors
     from shardtune.config import load_config
-    from shardtune.train.model import build_model, load_tokenizer
+    from shardtune.data.tokenizer import load_tokenizer
+    from shardtune.models.loading import build_model
 
     run_shardtune(tmp_path, BATCH, "train.max_steps=3", nproc=2)
     ckpt = tmp_path / "checkpoints" / "step-00000003"
@@ -145,7 +146,8 @@ def test_export_loads_with_from_pretrained_and_gives_the_same_logits(tmp_path):
 
 
 def test_pickled_code_in_metadata_is_refused(tmp_path):
-    from shardtune.checkpoint.safe_io import UnsafeCheckpointError, safe_load_metadata
+    from shardtune.checkpoint.safe_io import safe_load_metadata
+    from shardtune.errors import UnsafeCheckpointError
 
     class Exploit:
         def __reduce__(self):

@@ -110,7 +110,7 @@ def test_chat_data_prepares_into_prompts_and_answers(tmp_path):
     from shardtune.data.prepare import prepare_dataset
     from shardtune.data.shards import PreparedSource
     from shardtune.data.synthetic_chat import SYSTEM_PROMPT, generate_conversations, write_jsonl
-    from shardtune.train.model import load_tokenizer
+    from shardtune.data.tokenizer import load_tokenizer
 
     records = generate_conversations(200, seed=3)
     assert all(r["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT} for r in records)

@@ -16,8 +16,9 @@ from shardtune.data.loader import GlobalBatchLoader
 from shardtune.data.packing import IGNORE_INDEX, PackedEpoch, TokenizedCorpus
 from shardtune.data.prepare import prepare_dataset
 from shardtune.data.records import RecordRules, parse_record
-from shardtune.data.shards import PreparedSource, ShardError, open_corpus, token_dtype
-from shardtune.train.model import train_tokenizer
+from shardtune.data.shards import PreparedSource, open_corpus, token_dtype
+from shardtune.data.tokenizer import train_tokenizer
+from shardtune.errors import ShardError
 
 WORDS = "one two three four five six seven eight nine ten eleven twelve red green blue white".split()
 ALL_TRAIN = {"train": 1.0, "validation": 0.0, "test": 0.0}

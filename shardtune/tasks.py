@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from shardtune.data.packing import IGNORE_INDEX
-from shardtune.train.loss import count_loss_tokens
+
+
+def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class CausalLMTask:

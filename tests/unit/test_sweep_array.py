@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from shardtune.cli import main as cli_main
-from shardtune.launch.slurm import SlurmArrayJob, SubmitError, collect_command, render_array_job
+from shardtune.errors import SubmitError
+from shardtune.launch.slurm import SlurmArrayJob, collect_command, render_array_job
 from shardtune.sweep import PLAN_FILE, TASK_FILE, collect_sweep, plan_sweep
 from shardtune.train.loop import TrainResult
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 HOSTILE = ["run.name=$(touch /tmp/pwned)", "data.path=`id`; rm -rf ~", "x='q' \"d\"\nnext"]
 

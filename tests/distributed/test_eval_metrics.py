@@ -71,7 +71,7 @@ def test_evaluate_reduces_a_confusion_matrix_equal_to_sklearn(single_process_gro
 
     from shardtune.data.labelled import ClassificationSource, LabelledExamples
     from shardtune.eval.evaluate import evaluate
-    from shardtune.train.tasks import ClassificationTask
+    from shardtune.tasks import ClassificationTask
 
     rng = np.random.default_rng(1)
     y_true = rng.integers(0, 4, 37)  # not a multiple of the micro-batch: a partial last batch

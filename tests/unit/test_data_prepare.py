@@ -11,11 +11,11 @@ import pytest
 
 from shardtune.cli import main as cli_main
 from shardtune.config import PrepareSection
-from shardtune.data.corpus import DataError
 from shardtune.data.prepare import prepare_dataset
 from shardtune.data.records import NearDuplicateIndex, clean_text
 from shardtune.data.shards import SPLITS, open_corpus, read_manifest
-from shardtune.train.model import train_tokenizer
+from shardtune.data.tokenizer import train_tokenizer
+from shardtune.errors import DataError
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega red green blue cyan black white").split()

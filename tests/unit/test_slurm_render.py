@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from shardtune.cli import main as cli_main
-from shardtune.launch.slurm import LAUNCHERS, SlurmJob, SubmitError, render_job, render_script
+from shardtune.errors import SubmitError
+from shardtune.launch.slurm import LAUNCHERS, SlurmJob, render_job, render_script
 from shardtune.launch.trainer_signals import catches_signal, is_trainer_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 

@@ -2,9 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from shardtune.config import ConfigError, load_config, nearest_key
+from shardtune.config import load_config, nearest_key
+from shardtune.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 
 

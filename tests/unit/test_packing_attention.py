@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from shardtune.config import ModelSection
-from shardtune.train.model import build_model
+from shardtune.models.loading import build_model
 
 
 class _Tok:

@@ -1,0 +1,37 @@
+"""``shardtune launch``: spawn torchrun for a job on this machine."""
+
+from __future__ import annotations
+
+from shardtune.commands._args import add_config_args, load_run_config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("launch", help="spawn torchrun for a job on this machine")
+    add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this node")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master", default="127.0.0.1", help="address of node 0 (multi-node)")
+    p.add_argument("--port", type=int, default=29500)
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart all of this node's workers up to N times after a failure")
+    p.add_argument("--rdzv-id", help="job id shared by all nodes of one run (multi-node)")
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
+
+
+def run(args, extra, parser) -> int:
+    import shlex
+
+    from shardtune.launch.local import run_torchrun, torchrun_command, torchrun_environment
+
+    config_path, overrides, _ = load_run_config(args, extra, parser)
+    cmd = torchrun_command(
+        config_path, overrides, nproc=args.nproc, nnodes=args.nnodes,
+        node_rank=args.node_rank, master_addr=args.master, master_port=args.port,
+        max_restarts=args.max_restarts, rdzv_id=args.rdzv_id,
+    )
+    extra_env = torchrun_environment(args.nnodes, args.max_restarts)
+    if args.dry_run:
+        print(" ".join([*(f"{k}={v}" for k, v in extra_env.items()), shlex.join(cmd)]))
+        return 0
+    return run_torchrun(cmd, extra_env)

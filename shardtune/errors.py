@@ -1,0 +1,73 @@
+"""Every user-facing failure, and the one table that turns it into an exit code.
+
+Commands raise; ``cli.main`` prints one line and exits with the code from ``EXIT_CODES``. A wrapper
+script (a SLURM requeue hook, a sweep driver) can then tell a bad config from a preemption from a
+crash without parsing messages.
+"""
+
+from __future__ import annotations
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
+
+
+class ShardtuneError(Exception):
+    """Base of the errors a user can act on; the message names the file, line or key."""
+
+
+class ConfigError(ShardtuneError, ValueError):
+    """A user-facing configuration problem; the message names the file and key path."""
+
+
+class DataError(ShardtuneError, ValueError):
+    """A bad input record or data file; the message names the file and line."""
+
+
+class ShardError(ShardtuneError, ValueError):
+    """A prepared directory that is missing, corrupted, or made with another tokenizer."""
+
+
+class CheckpointError(ShardtuneError, RuntimeError):
+    """A missing, corrupt or incompatible checkpoint; the message names the file or tensor."""
+
+
+class UnsafeCheckpointError(ShardtuneError, RuntimeError):
+    """A checkpoint file that would run code or hold something other than tensors and JSON."""
+
+
+class NonFiniteLossError(ShardtuneError, RuntimeError):
+    """The agreed loss or gradient norm was NaN/Inf on some rank; the run stopped without saving it."""
+
+
+class CollectiveTimeoutError(ShardtuneError, RuntimeError):
+    """A collective did not finish in time; the message names the ranks that had not arrived."""
+
+
+class SubmitError(ShardtuneError, RuntimeError):
+    """A SLURM submission that sbatch refused or that could not be rendered."""
+
+
+class Preempted(ShardtuneError, RuntimeError):
+    """Raised after the checkpoint is committed, so the process exits with PREEMPTED_EXIT_CODE."""
+
+
+# (error class, exit code, what the one printed line starts with, what it ends with).
+# 1 stays Python's own "crashed with a traceback"; 2 is argparse's "bad usage".
+EXIT_CODES: list[tuple[type[ShardtuneError], int, str, str]] = [
+    (ConfigError, 2, "", ""),
+    (SubmitError, 2, "", ""),
+    (DataError, 2, "data error: ", ""),
+    (ShardError, 2, "data error: ", ""),
+    (NonFiniteLossError, 3, "stopped: ", ""),
+    (CheckpointError, 4, "checkpoint error: ", ""),
+    (UnsafeCheckpointError, 4, "checkpoint error: ", ""),
+    (CollectiveTimeoutError, 5, "", ""),
+    (Preempted, PREEMPTED_EXIT_CODE, "", "; rerun the same command to resume"),
+]
+
+
+def exit_code_for(exc: ShardtuneError) -> tuple[int, str]:
+    """The exit code and the one line to print for a failure the user can act on."""
+    for cls, code, prefix, suffix in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code, f"shardtune: {prefix}{exc}{suffix}"
+    return 1, f"shardtune: {exc}"
