@@ -24,11 +24,12 @@ def override_dropout(config, rate: float) -> list[str]:
     return changed
 
 
-def build_model(
-    cfg: ModelSection, tokenizer, dtype: torch.dtype = torch.float32, *,
-    task: str = "causal_lm", label_names: list[str] | None = None, dropout: float | None = None,
-) -> torch.nn.Module:
-    """A causal LM, or a sequence classifier with ``len(label_names)`` outputs (its head is new)."""
+def model_class_and_config(
+    cfg: ModelSection, tokenizer, *, task: str = "causal_lm", label_names: list[str] | None = None,
+    dropout: float | None = None,
+):
+    """(auto class, transformers config, checkpoint path or None) for ``build_model`` and for
+    the strategies' meta-device builds (``models.sharded_load``), so both see one config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
@@ -43,10 +44,30 @@ def build_model(
         config = AutoConfig.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **task_kwargs
         )
-        if dropout is not None:
-            override_dropout(config, dropout)
         if task == "classification" and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool the last non-pad token
+    else:
+        path = None
+        kwargs = dict(cfg.config)
+        model_type = kwargs.pop("model_type")
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs.setdefault(name, getattr(tokenizer, name))
+        config = AutoConfig.for_model(model_type, **kwargs, **task_kwargs)
+    if dropout is not None:
+        override_dropout(config, dropout)
+    return auto, config, path
+
+
+def build_model(
+    cfg: ModelSection, tokenizer, dtype: torch.dtype = torch.float32, *,
+    task: str = "causal_lm", label_names: list[str] | None = None, dropout: float | None = None,
+) -> torch.nn.Module:
+    """A causal LM, or a sequence classifier with ``len(label_names)`` outputs (its head is new)."""
+    auto, config, path = model_class_and_config(
+        cfg, tokenizer, task=task, label_names=label_names, dropout=dropout
+    )
+    if path is not None:
         model = auto.from_pretrained(
             path,
             config=config,
@@ -56,14 +77,6 @@ def build_model(
             dtype=dtype,
         )
     else:
-        kwargs = dict(cfg.config)
-        model_type = kwargs.pop("model_type")
-        kwargs.setdefault("vocab_size", len(tokenizer))
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            kwargs.setdefault(name, getattr(tokenizer, name))
-        config = AutoConfig.for_model(model_type, **kwargs, **task_kwargs)
-        if dropout is not None:
-            override_dropout(config, dropout)
         model = auto.from_config(
             config, attn_implementation=cfg.attn_implementation, dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
