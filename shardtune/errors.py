@@ -46,6 +46,14 @@ class SubmitError(ShardtuneError, RuntimeError):
     """A SLURM submission that sbatch refused or that could not be rendered."""
 
 
+class MissingExtraError(ShardtuneError, ImportError):
+    """The config asks for an optional package (an extra such as shardtune[wandb]) that is not installed."""
+
+
+class RendezvousError(ShardtuneError, RuntimeError):
+    """Ranks could not meet: the message names each rank and host that cannot reach rank 0's address."""
+
+
 class Preempted(ShardtuneError, RuntimeError):
     """Raised after the checkpoint is committed, so the process exits with PREEMPTED_EXIT_CODE."""
 
@@ -61,6 +69,8 @@ EXIT_CODES: list[tuple[type[ShardtuneError], int, str, str]] = [
     (CheckpointError, 4, "checkpoint error: ", ""),
     (UnsafeCheckpointError, 4, "checkpoint error: ", ""),
     (CollectiveTimeoutError, 5, "", ""),
+    (MissingExtraError, 2, "", ""),
+    (RendezvousError, 5, "rendezvous failed: ", ""),
     (Preempted, PREEMPTED_EXIT_CODE, "", "; rerun the same command to resume"),
 ]
 
