@@ -88,7 +88,7 @@ class PrepareSection(_Section):
 
     inputs: list[str] = Field(default_factory=list)  # files or globs; the CLI may give them instead
     file_type: Literal["auto", "jsonl", "csv", "parquet"] = "auto"  # auto = by file suffix
-    format: Literal["auto", "chat", "prompt_completion", "text", "labelled"] = "auto"
+    format: Literal["auto", "chat", "prompt_completion", "text", "labelled", "preference"] = "auto"
     on_bad_record: Literal["drop", "error"] = "drop"
     # NFC is lossless; NFKC also folds compatibility forms (full-width, superscripts).
     unicode_form: Literal["NFC", "NFKC"] = "NFC"
@@ -278,10 +278,20 @@ _DERIVED_DEEPSPEED_KEYS = {
 
 class MetricsSection(_Section):
     log_every: int = Field(1, ge=1)
-    tensorboard: bool = True
+    # Where rank 0 writes metrics (docs/trackers.md). jsonl is required: the run report, sweeps
+    # and the tests read metrics.jsonl. wandb and mlflow are extras (shardtune[wandb], [mlflow]).
+    trackers: list[Literal["tensorboard", "jsonl", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard", "jsonl"])
     progress_bar: bool = True
     # Peak dense FLOP/s per rank for MFU; None = measured (CPU) or looked up (known GPUs).
     peak_tflops_per_rank: float | None = Field(None, gt=0)
+
+    @field_validator("trackers")
+    @classmethod
+    def _jsonl_kept(cls, value: list[str]) -> list[str]:
+        if "jsonl" not in value:
+            raise ValueError("metrics.trackers must include jsonl (the run report and sweeps read metrics.jsonl)")
+        return list(dict.fromkeys(value))
 
 
 class CheckpointSection(_Section):
@@ -314,6 +324,14 @@ class LoraSection(_Section):
     export: Literal["merged", "adapters"] = "merged"
 
 
+class PreferenceSection(_Section):
+    """``task: preference`` (docs/iteration.md): DPO on chosen/rejected pairs against the starting model."""
+
+    loss: Literal["dpo", "ipo"] = "dpo"  # dpo: sigmoid (Rafailov et al.); ipo: squared (Azar et al.)
+    beta: float = Field(0.1, gt=0)  # strength of the pull towards the reference model
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # dpo: assumed share of flipped preferences
+
+
 class FinetuneSection(_Section):
     """How a pre-trained model is specialised (applied before the parallel strategy wraps it)."""
 
@@ -330,6 +348,7 @@ class FinetuneSection(_Section):
     layer_decay: float | None = Field(None, gt=0, le=1)
     dropout: float | None = Field(None, ge=0.0, lt=1.0)  # overrides every dropout rate of the model config
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    preference: PreferenceSection = PreferenceSection()
 
 
 class GenerateSection(_Section):
@@ -367,8 +386,9 @@ class EvalSection(_Section):
 class RunConfig(_Section):
     run: RunSection = RunSection()
     # causal_lm: next-token loss on packed sequences. classification: one label per text,
-    # AutoModelForSequenceClassification with num_labels from the data.
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    # AutoModelForSequenceClassification with num_labels from the data. preference: DPO/IPO on
+    # chosen/rejected pairs prepared with data.prepare.format=preference (finetune.preference).
+    task: Literal["causal_lm", "classification", "preference"] = "causal_lm"
     model: ModelSection
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()

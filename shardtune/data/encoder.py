@@ -48,6 +48,12 @@ class DocumentEncoder:
         chats = [i for i, r in enumerate(records) if r.kind == "chat"]
         pairs = [i for i, r in enumerate(records) if r.kind in ("prompt_completion", "labelled")]
         texts = [i for i, r in enumerate(records) if r.kind == "text"]
+        preferences = [i for i, r in enumerate(records) if r.kind == "preference"]
+        if preferences:
+            from shardtune.data.preference import encode_preferences
+
+            for i, encoded in zip(preferences, encode_preferences(self, [records[i] for i in preferences]), strict=True):
+                out[i] = encoded
         if chats:
             for i, encoded in zip(chats, self._encode_chats([records[i] for i in chats]), strict=True):
                 out[i] = encoded
@@ -86,7 +92,7 @@ class DocumentEncoder:
             full = self._render(r.messages, False)
             record_spans = []
             for i, m in enumerate(r.messages):
-                if m["role"] != "assistant":
+                if m["role"] != "assistant" or m.get("weight", 1) == 0:  # weight 0: context, no loss
                     continue
                 before = self._conversation_before(r.messages[:i])
                 upto = self._render(r.messages[: i + 1], False)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from shardtune.config import PrepareSection
 from shardtune.data.encoder import DocumentEncoder, resolve_chat_template
+from shardtune.data.preference import RatingsTally, pair_ratings
 from shardtune.data.prepare_workers import parse_and_encode_in_workers, parse_or_reject
 from shardtune.data.records import (
     BadRecord,
@@ -122,6 +123,7 @@ class _Pipeline:
             label_names=tuple(settings.label_names) if settings.label_names is not None else None,
         )
         self.acc = Accounting(SPLITS)
+        self.ratings = RatingsTally()  # rating records, before they become pairs (ratings.json)
         self.seen: set[bytes] = set()
         self.near = NearDuplicateIndex(settings.near_dedup_threshold) if settings.near_dedup else None
         self.labels: dict[str, int] = {name: i for i, name in enumerate(settings.label_names or [])}
@@ -130,7 +132,7 @@ class _Pipeline:
 
     def run(self, paths: list[Path]) -> None:
         for path in paths:
-            items = read_raw_records(path, self.settings.file_type)
+            items = pair_ratings(read_raw_records(path, self.settings.file_type), self.rules, self.ratings)
             if self.settings.workers > 1:
                 parsed = parse_and_encode_in_workers(items, self.settings.workers, self.encoder.tokenizer,
                                                      self.encoder.chat_template, self.rules)
@@ -157,7 +159,8 @@ class _Pipeline:
             self.acc.drop("exact_duplicate", location)
             return
         self.seen.add(digest)
-        if self.near is not None and self.near.check_and_add(record.plain_text()):
+        # Not pairs: two pairs of one prompt and one chosen answer differ only in the rejected one.
+        if self.near is not None and record.kind != "preference" and self.near.check_and_add(record.plain_text()):
             self.acc.drop("near_duplicate", location)
             return
         if record.label is not None:
@@ -228,6 +231,7 @@ def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: li
         pipeline = _Pipeline(settings, DocumentEncoder(tokenizer, template), work, dtype)
         pipeline.run(paths)
         report = write_report(pipeline.acc, work)
+        pipeline.ratings.write(work)
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -281,7 +285,7 @@ def _save_tokenizer(tokenizer, save_dir: Path, paths, settings: PrepareSection, 
 
     def texts():
         for path in paths:
-            for location, raw in read_raw_records(path, settings.file_type):
+            for location, raw in pair_ratings(read_raw_records(path, settings.file_type), rules):
                 if isinstance(raw, BadRecord):
                     continue
                 try:

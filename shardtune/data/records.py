@@ -25,11 +25,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-FORMATS = ("chat", "prompt_completion", "text", "labelled")
+from shardtune.errors import DataError
+
+FORMATS = ("chat", "prompt_completion", "text", "labelled", "preference")
 
 
 class BadRecord(Exception):
@@ -65,6 +67,24 @@ class Record:
         canonical = json.dumps([self.kind, self.content()], ensure_ascii=False, sort_keys=True)
         return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
 
+    def num_chars(self) -> int:
+        if self.kind == "chat":
+            return sum(len(m["content"]) for m in self.messages)
+        return len(self.plain_text())
+
+    def dedup_key(self) -> bytes:
+        """The exact-duplicate key: content after ``loose_text`` (case, spacing, a final full stop).
+
+        Looser than ``content_digest`` (which decides the split and must not change), yet it
+        keeps every character that can carry meaning inside the text: ``libfoo-dev`` and
+        ``libfoo++-dev`` stay different records. Labels and roles are compared as they are.
+        """
+        if self.kind not in ("chat", "prompt_completion", "text", "labelled"):
+            return self.content_digest()  # formats defined elsewhere keep their own key
+        content = _loosened(self.content())
+        canonical = json.dumps([self.kind, content], ensure_ascii=False, sort_keys=True)
+        return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
+
     def plain_text(self) -> str:
         """All content as one string, for near-duplicate detection."""
         if self.kind == "chat":
@@ -81,8 +101,7 @@ RawItem = tuple[str, "dict[str, Any] | BadRecord"]
 
 
 def read_raw_records(path: Path, file_type: str = "auto") -> Iterator[RawItem]:
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
+    check_input_file(path)
     kind = file_type if file_type != "auto" else _file_type_from_suffix(path)
     if kind == "jsonl":
         yield from _read_jsonl(path)
@@ -90,6 +109,13 @@ def read_raw_records(path: Path, file_type: str = "auto") -> Iterator[RawItem]:
         yield from _read_csv(path)
     else:
         yield from _read_parquet(path)
+
+
+def check_input_file(path: Path) -> None:
+    if path.is_dir():
+        raise FileNotFoundError(f"input {path} is a directory: give the files in it (e.g. '{path}/*.jsonl')")
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
 
 
 def _file_type_from_suffix(path: Path) -> str:
@@ -129,6 +155,9 @@ def _read_csv(path: Path) -> Iterator[RawItem]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
+        # Read the header first: before it, line_num is 0 and the first row would be "line 1".
+        if reader.fieldnames is None:
+            return
         start_line = reader.line_num + 1
         for row in reader:
             where = f"{path}:{start_line}"
@@ -185,9 +214,16 @@ class RecordRules:
     unicode_form: str = "NFC"
     allowed_roles: tuple[str, ...] = ("system", "user", "assistant", "tool")
     label_names: tuple[str, ...] | None = None
+    # Characters after normalisation; None = no limit. A token limit alone cannot catch a
+    # monster record: a tokenizer trained on the same file compresses repeated text to a
+    # handful of tokens.
+    max_chars: int | None = None
+    max_message_chars: int | None = None
 
 
 def detect_format(obj: dict[str, Any]) -> str:
+    if any(k in obj for k in ("chosen", "preferred_output", "rating")):  # before "messages": pairs have them too
+        return "preference"
     if "messages" in obj:
         return "chat"
     if "prompt" in obj or "completion" in obj:
@@ -197,6 +233,26 @@ def detect_format(obj: dict[str, Any]) -> str:
     if "text" in obj:
         return "text"
     raise BadRecord("missing_field", f"no 'messages', 'prompt'/'completion' or 'text' among {sorted(obj)}")
+
+
+def check_auto_format(obj: dict[str, Any], path: Path) -> None:
+    """``format: auto`` on a file's first record: refuse to guess plain text from a table with more columns.
+
+    A CSV of ``text,category`` would otherwise become unlabelled text without a word. Chat,
+    prompt/completion and labelled records name their fields; only "text" plus unknown
+    columns is a guess.
+    """
+    try:
+        kind = detect_format(obj)
+    except BadRecord:
+        return  # counted (or refused) as missing_field record by record
+    others = sorted(set(obj) - {"text"})
+    if kind == "text" and others:
+        raise DataError(
+            f"{path}: data.prepare.format=auto cannot tell what this file holds: its columns are "
+            f"{sorted(obj)}. Plain text uses 'text' alone; for classification name the label column "
+            f"'label'; or set data.prepare.format (text, to ignore {others})"
+        )
 
 
 def _string_field(obj: dict[str, Any], name: str, rules: RecordRules) -> str:
@@ -218,7 +274,20 @@ def _clean_checked(value: str, name: str, rules: RecordRules) -> str:
 
 
 def parse_record(obj: dict[str, Any], location: str, rules: RecordRules) -> Record:
+    record = _parse_record(obj, location, rules)
+    if rules.max_chars is not None:
+        size = record.num_chars()
+        if size > rules.max_chars:
+            raise BadRecord("too_long", f"{size:,} characters > data.prepare.max_chars={rules.max_chars:,}")
+    return record
+
+
+def _parse_record(obj: dict[str, Any], location: str, rules: RecordRules) -> Record:
     kind = rules.format if rules.format != "auto" else detect_format(obj)
+    if kind == "preference":
+        from shardtune.data.preference import parse_preference  # it builds on this module
+
+        return parse_preference(obj, location, rules)
     if kind == "chat":
         return Record("chat", location, messages=_parse_messages(obj, rules))
     if kind == "prompt_completion":
@@ -251,12 +320,26 @@ def _parse_messages(obj: dict[str, Any], rules: RecordRules) -> list[dict[str, s
         if role not in rules.allowed_roles:
             raise BadRecord("unknown_role", f"messages[{i}].role={role!r}")
         content = _string_field(m, "content", rules)
-        messages.append({"role": role, "content": content})
+        if rules.max_message_chars is not None and len(content) > rules.max_message_chars:
+            raise BadRecord("too_long", f"messages[{i}] has {len(content):,} characters > "
+                                        f"data.prepare.max_message_chars={rules.max_message_chars:,}")
+        messages.append({"role": role, "content": content, **_message_weight(m, i)})
     if not any(m["content"] for m in messages):
         raise BadRecord("empty", "every message is empty")
-    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+    if not any(m["role"] == "assistant" and m["content"] and m.get("weight", 1) for m in messages):
         raise BadRecord("no_assistant_turn", "nothing to train on with assistant-only loss")
     return messages
+
+
+def _message_weight(m: dict[str, Any], i: int) -> dict[str, int]:
+    """The hosted fine-tuning format's per-assistant-message ``weight``: 0 keeps the message as
+    context but out of the loss. Kept only when given, so other records hash as before."""
+    if "weight" not in m:
+        return {}
+    weight = m["weight"]
+    if m.get("role") != "assistant" or isinstance(weight, bool) or weight not in (0, 1):
+        raise BadRecord("wrong_type", f"messages[{i}].weight={weight!r}: 0 or 1, on assistant messages only")
+    return {"weight": int(weight)}
 
 
 def _parse_label(obj: dict[str, Any], rules: RecordRules) -> str:
@@ -274,28 +357,63 @@ def _parse_label(obj: dict[str, Any], rules: RecordRules) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Near-duplicate detection
+# Duplicates
 
 
-_WORD = re.compile(r"\w+")
+# Words and runs of punctuation: "libfoo-dev" and "libfoo++-dev" (or "C" and "C++") stay
+# apart, where words alone (\w+) read both as the same two words.
+_TOKEN = re.compile(r"\w+|[^\w\s]+")
+_FINAL_STOP = re.compile(r"[\s.!?;:,]+$")
+
+
+def _loosened(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _loosened(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_loosened(v, key) for v in value]
+    if isinstance(value, str) and key not in ("label", "role"):
+        return loose_text(value)
+    return value
+
+
+def text_tokens(text: str) -> list[str]:
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+def loose_text(text: str) -> str:
+    """Case-folded, spacing around punctuation ignored, a final full stop dropped; nothing else."""
+    return " ".join(text_tokens(_FINAL_STOP.sub("", text)))
+
+
 _MERSENNE_31 = (1 << 31) - 1
 
 
-class NearDuplicateIndex:
-    """MinHash + LSH banding over word shingles; keeps the first of each near-duplicate group.
+class NearMatch(NamedTuple):
+    location: str | None  # file:line of the kept record it nearly duplicates
+    similarity: float  # signature agreement: an estimate of the shingles' Jaccard similarity
 
-    Each text becomes the set of its lower-cased word ``shingle_words``-grams, hashed with
-    CRC32 (stable across processes, unlike ``hash``). ``num_perm`` universal hashes
-    ``(a*x + b) mod (2^31 - 1)`` with coefficients from a fixed seed give the signature.
-    Banding (``bands`` x ``num_perm/bands`` rows) finds candidates whose Jaccard similarity is
-    likely above ~(1/bands)^(bands/num_perm) (0.71 for 16 x 8); a candidate is a duplicate
-    only if the signature agreement (an estimate of Jaccard) is at least ``threshold``.
-    Texts shorter than one shingle are left to exact dedup. Memory: one signature
-    (num_perm x 4 bytes) plus ``bands`` bucket entries per kept text.
+
+class NearDuplicateIndex:
+    """MinHash + LSH banding over token shingles; keeps the first of each near-duplicate group.
+
+    Each text becomes the set of its ``shingle_words``-grams of ``text_tokens`` (words and
+    punctuation runs, case-folded), hashed with CRC32 (stable across processes, unlike
+    ``hash``). ``num_perm`` universal hashes ``(a*x + b) mod (2^31 - 1)`` with coefficients
+    from a fixed seed give the signature. Banding (``bands`` x ``num_perm/bands`` rows) finds
+    candidates whose Jaccard similarity is likely above ~(1/bands)^(bands/num_perm) (0.71 for
+    16 x 8); a candidate is a duplicate only if the signature agreement (an estimate of
+    Jaccard) is at least ``threshold``.
+
+    Texts under ``min_tokens`` are left to exact (normalised) dedup. On short texts a
+    Jaccard estimate is too eager: two package descriptions that differ only in a name share
+    nearly all their shingles yet describe different things; and a single changed token in a
+    text of n tokens leaves at best (n-9)/(n+1) of the shingles shared, so below ~50 tokens a
+    real near-duplicate cannot reach 0.8 anyway. Memory: one signature (num_perm x 4 bytes),
+    ``bands`` bucket entries and one location per kept text.
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, bands: int = 16,
-                 shingle_words: int = 5, seed: int = 0):
+                 shingle_words: int = 5, seed: int = 0, min_tokens: int = 32):
         if num_perm % bands:
             raise ValueError("num_perm must be a multiple of bands")
         rng = np.random.default_rng(seed)
@@ -305,13 +423,15 @@ class NearDuplicateIndex:
         self.bands = bands
         self.rows = num_perm // bands
         self.shingle_words = shingle_words
+        self.min_tokens = max(min_tokens, shingle_words)
         self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
         self._signatures: list[np.ndarray] = []
+        self._locations: list[str | None] = []
 
     def signature(self, text: str) -> np.ndarray | None:
-        words = _WORD.findall(text.lower())
+        words = text_tokens(text)
         k = self.shingle_words
-        if len(words) < k:
+        if len(words) < self.min_tokens:
             return None
         shingles = {" ".join(words[i : i + k]) for i in range(len(words) - k + 1)}
         hashes = np.fromiter((zlib.crc32(s.encode("utf-8")) for s in shingles), dtype=np.uint64,
@@ -322,21 +442,23 @@ class NearDuplicateIndex:
             np.minimum(sig, ((self.a * chunk + self.b) % _MERSENNE_31).min(axis=1), out=sig)
         return sig.astype(np.uint32)
 
-    def check_and_add(self, text: str) -> bool:
-        """True if ``text`` nearly duplicates an earlier kept text; otherwise remember it."""
+    def check_and_add(self, text: str, location: str | None = None) -> NearMatch | None:
+        """The kept text that ``text`` nearly duplicates; if none, remember ``text`` and return None."""
         sig = self.signature(text)
         if sig is None:
-            return False
+            return None
         keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
         seen: set[int] = set()
         for bucket, key in zip(self._buckets, keys, strict=True):
             for other in bucket.get(key, ()):
                 if other not in seen:
                     seen.add(other)
-                    if np.mean(self._signatures[other] == sig) >= self.threshold:
-                        return True
+                    agreement = float(np.mean(self._signatures[other] == sig))
+                    if agreement >= self.threshold:
+                        return NearMatch(self._locations[other], agreement)
         idx = len(self._signatures)
         self._signatures.append(sig)
+        self._locations.append(location)
         for bucket, key in zip(self._buckets, keys, strict=True):
             bucket.setdefault(key, []).append(idx)
-        return False
+        return None
