@@ -98,6 +98,10 @@ class ClassificationTask:
 
 def build_task(cfg, num_labels: int | None = None):
     smoothing = cfg.finetune.label_smoothing
+    if cfg.task == "preference":
+        from shardtune.preference import PreferenceTask
+
+        return PreferenceTask(**cfg.finetune.preference.model_dump())
     if cfg.task == "classification":
         if not num_labels:
             raise ValueError("task=classification needs labelled data (num_labels is unknown)")
