@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from shardtune.errors import CheckpointError
+
 IGNORE_INDEX = -100  # the labels convention of data.packing (L2; not importable from here)
 LOSSES = ("dpo", "ipo")
 
@@ -188,3 +190,79 @@ def reference_logps(runner, task: PreferenceTask, pairs, *, micro_batch_size: in
         runner.train(was_training)
     dist.all_reduce(table)
     return table.cpu().numpy()
+
+
+class ReferenceTables:
+    """The reference log-probs of every split, a stateful part of the checkpoint (trainer_state.json,
+    key ``reference``, beside the data cursor): computed once before the first update, and on
+    resume read back, never recomputed (the weights are no longer the reference's then).
+
+    Stored as the float64 bytes (base64): exact, 16 bytes per pair (~21 MB of JSON per
+    million pairs). ``sources``: split name -> a source with ``pairs()``, ``__len__`` and a
+    ``reference`` attribute (``data.preference_source.PreferenceSource``).
+    """
+
+    def __init__(self, sources: dict, fingerprint: str = ""):
+        self.sources = {name: s for name, s in sources.items() if s is not None}
+        self.fingerprint = fingerprint  # of the data the tables belong to
+        self.seconds = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return all(s.reference is not None for s in self.sources.values())
+
+    def compute(self, runner, task: PreferenceTask, *, micro_batch_size: int, rank: int, world_size: int) -> None:
+        import time
+
+        start = time.perf_counter()
+        for source in self.sources.values():
+            source.reference = reference_logps(runner, task, source.pairs(), micro_batch_size=micro_batch_size,
+                                               rank=rank, world_size=world_size)
+        self.seconds = time.perf_counter() - start
+
+    def state_dict(self) -> dict:
+        import base64
+
+        if not self.complete:
+            return {}
+        return {"fingerprint": self.fingerprint, "tables": {
+            name: {"pairs": len(s), "float64_le": base64.b64encode(np.ascontiguousarray(s.reference, "<f8").tobytes())
+                   .decode("ascii")} for name, s in self.sources.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        import base64
+
+        if not state:
+            return
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError("the checkpoint's reference log-probs belong to other preference data "
+                             f"({state.get('fingerprint')!r}, this run's is {self.fingerprint!r})")
+        for name, source in self.sources.items():
+            entry = state["tables"].get(name)
+            if entry is None or entry["pairs"] != len(source):
+                raise CheckpointError(f"the checkpoint's reference log-probs of the {name} split do not match its "
+                                 f"{len(source)} pairs")
+            raw = base64.b64decode(entry["float64_le"])
+            source.reference = np.frombuffer(raw, dtype="<f8").reshape(len(source), 2).astype(np.float64)
+
+
+def reference_tables(task, data) -> ReferenceTables | None:
+    """The run's tables when it is a preference run (``data``: its ``Datasets``), else None."""
+    if not isinstance(task, PreferenceTask):
+        return None
+    return ReferenceTables({"train": data.train, "validation": data.validation, "test": data.test},
+                           data.summary.get("fingerprint", ""))
+
+
+def ensure_reference(tables: ReferenceTables | None, *, resumed: bool, runner, task, micro_batch_size: int,
+                     rank: int, world_size: int) -> str | None:
+    """Before the baseline: compute the tables on a fresh start; a resumed run must have read them."""
+    if tables is None or tables.complete:
+        return None
+    if resumed:
+        raise CheckpointError("the checkpoint holds no reference log-probs (it was not written by a preference "
+                              "run); a preference run cannot recompute them from trained weights: start it "
+                              "afresh (checkpoint.resume=never)")
+    tables.compute(runner, task, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size)
+    pairs = sum(len(s) for s in tables.sources.values())
+    return f"reference log-probs of {pairs} pairs computed in one no-grad pass ({tables.seconds:.1f} s)"

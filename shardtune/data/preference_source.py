@@ -142,7 +142,11 @@ def preference_datasets(cfg, tokenizer):
     if "validation" not in splits:
         # Rewards on training pairs say nothing about generalisation: refuse rather than mislead.
         raise DataError(f"{data.prepared_dir} has no validation pairs: give data.prepare.splits a validation share")
-    summary = {"source": f"prepared preference pairs ({data.prepared_dir})",
+    from shardtune.data.shards import read_manifest
+
+    # What the reference tables in a checkpoint must belong to: these pairs at this seq_len.
+    pairs_fingerprint = f"{read_manifest(data.prepared_dir)['fingerprint']}:seq_len={data.seq_len}"
+    summary = {"source": f"prepared preference pairs ({data.prepared_dir})", "fingerprint": pairs_fingerprint,
                "splits": {name: s.stats() for name, s in splits.items()}}
     return Datasets(splits["train"], splits["validation"], splits.get("test"), summary=summary)
 
