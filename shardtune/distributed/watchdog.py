@@ -1,20 +1,33 @@
 """Name the rank that stalled when a collective times out.
 
-Each rank records, in the rendezvous store, the last step at which it reached the per-step
-synchronisation (one small write per rank per step; nothing is gathered, nothing is read).
-When a collective times out, the survivors read everyone's progress once and report the
-ranks that are behind, instead of gloo's "Timed out waiting 60000ms for recv operation".
+Nothing is sent per step: each rank only remembers, in memory, the last step at which it
+reached the per-step synchronisation (``mark_progress``). When a collective fails, each
+survivor publishes that step in the rendezvous store once, waits briefly for the others'
+reports, and names the ranks that did not report or are behind, instead of gloo's "Timed
+out waiting 60000ms for recv operation". At 1,000 ranks a per-step write would have been
+1,000 store requests per step to rank 0's store; now the store sees traffic only on failure.
+
+Why a silent rank's last synchronised step is known without its report: survivors at step
+``s`` passed the all-reduce of step ``s - 1``, which needed every rank, so every rank reached
+step ``s - 1``'s synchronisation.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from datetime import timedelta
 
-from shardtune.errors import CollectiveTimeoutError
-
-_KEY = "shardtune/progress/{rank}"
+# The restart count keeps a report from an earlier attempt (torchelastic keeps its store
+# across restarts) from passing for a live rank of this one.
+_KEY = "shardtune/stall/{restart}/{rank}"
 _FAILURE = re.compile(r"timed out|timeout|connection closed by peer|connection reset|broken pipe", re.I)
+_last_step: int | None = None
+
+
+class CollectiveTimeoutError(RuntimeError):
+    pass
 
 
 def _store():
@@ -26,24 +39,48 @@ def _store():
         return None
 
 
+def _key(rank: int) -> str:
+    return _KEY.format(restart=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), rank=rank)
+
+
 def mark_progress(rank: int, step: int) -> None:
-    store = _store()
-    if store is not None:
-        store.set(_KEY.format(rank=rank), str(step))
+    """This rank reached ``step``'s synchronisation: kept in memory, sent only on failure."""
+    global _last_step
+    _last_step = step
 
 
-def read_progress(world_size: int) -> dict[int, int | None]:
+def last_marked_step() -> int | None:
+    return _last_step
+
+
+def report_and_read_progress(rank: int, world_size: int, grace_s: float) -> dict[int, int | None]:
+    """Publish this rank's step, wait up to ``grace_s`` for every rank's, return what arrived
+    (None: no report). Empty when the store cannot be reached at all."""
     store = _store()
     if store is None:
         return {}
     store.set_timeout(timedelta(seconds=10))
-    progress: dict[int, int | None] = {}
-    for rank in range(world_size):
-        key = _KEY.format(rank=rank)
+    try:
+        store.set(_key(rank), str(_last_step if _last_step is not None else -1))
+    except (RuntimeError, ValueError):
+        return {}  # the store lives with rank 0: unreachable means rank 0 is gone
+    keys = [_key(r) for r in range(world_size)]
+    deadline = time.monotonic() + grace_s
+    while True:
         try:
-            progress[rank] = int(store.get(key)) if store.check([key]) else None
+            present = [store.check([k]) for k in keys]
         except (RuntimeError, ValueError):
-            progress[rank] = None
+            return {}
+        if all(present) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    progress: dict[int, int | None] = {}
+    for r, (key, there) in enumerate(zip(keys, present, strict=True)):
+        try:
+            value = int(store.get(key)) if there else None
+        except (RuntimeError, ValueError):
+            value = None
+        progress[r] = None if value is None or value < 0 else value
     return progress
 
 
@@ -53,17 +90,15 @@ def explain_collective_failure(
     """A clearer error if ``error`` is a timed-out collective or a lost peer, else None."""
     if not _FAILURE.search(str(error)):
         return None
-    progress = read_progress(world_size)
+    # Survivors time out within moments of each other (they entered the collective together).
+    progress = report_and_read_progress(rank, world_size, grace_s=min(10.0, max(2.0, timeout_s / 4)))
     reached = [s for s in progress.values() if s is not None]
     furthest = max(reached) if reached else None
     behind = sorted(r for r, s in progress.items() if r != rank and (s is None or s != furthest))
-    if reached == [] and progress:
+    if not reached:
         suspects = "the rendezvous store is unreachable: rank 0 or its host is likely gone"
     elif behind:
-        suspects = ", ".join(
-            f"rank {r} (last synchronised at step {progress[r] if progress[r] is not None else 'none'}, "
-            f"others at {furthest})" for r in behind
-        )
+        suspects = ", ".join(_describe(r, progress[r], furthest) for r in behind)
     else:
         suspects = "unknown: every other rank reached the same step (one may have died inside it)"
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
@@ -71,3 +106,11 @@ def explain_collective_failure(
         f"rank {rank}: a collective failed or did not complete within {timeout_s:.0f} s "
         f"(distributed.collective_timeout_s); suspect: {suspects}. Underlying error: {first_line}"
     )
+
+
+def _describe(rank: int, step: int | None, furthest: int) -> str:
+    if step is not None:
+        return f"rank {rank} (last synchronised at step {step}, others at {furthest})"
+    # Silent: stalled or dead. It passed step furthest-1's all-reduce, as the survivors did.
+    last = furthest - 1 if furthest > 1 else "none"
+    return f"rank {rank} (last synchronised at step {last}, others at {furthest}) sent no report: stalled or dead"
