@@ -83,6 +83,16 @@ class SplitRatios(_Section):
         return self
 
 
+class HFInputSection(_Section):
+    """How ``data prepare`` opens its Hugging Face dataset inputs (``hf:NAME[:CONFIG]`` or a
+    ``save_to_disk`` directory; shardtune/data/hf_source.py)."""
+
+    # None: every split of a DatasetDict, in its order (the records are re-split by content hash).
+    split: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None  # hf:json, hf:parquet, hf:csv
+    streaming: bool = False  # read hf:NAME in one pass without downloading or caching it whole
+
+
 class PrepareSection(_Section):
     """``shardtune data prepare``: cleaning, validation, splitting and sharding options."""
 
@@ -106,20 +116,28 @@ class PrepareSection(_Section):
     # Processes that parse and tokenize (1 = in this process). The output is identical for any
     # count: de-duplication, splitting and writing stay in one process, in input order.
     workers: int = Field(1, ge=1)
+    # Hugging Face dataset inputs: shardtune field <- dataset column, e.g. {messages: conversations}.
+    columns: dict[str, str] = Field(default_factory=dict)
+    hf: HFInputSection = HFInputSection()
 
 
 class MixtureSourceSection(_Section):
-    """One dataset of ``data.mixture``: a JSONL file or a prepared directory, and its weight."""
+    """One dataset of ``data.mixture``: a JSONL file, a Hugging Face dataset or a prepared
+    directory, and its weight."""
 
     name: str | None = None  # default: the file or directory name
-    path: str | None = None
+    path: str | None = None  # JSONL, hf:NAME[:CONFIG], or a save_to_disk directory
     prepared_dir: str | None = None
     weight: float = Field(gt=0, allow_inf_nan=False)
+    # For a Hugging Face dataset path, as data.prepare.hf.split / data_files / columns.
+    split: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_input(self) -> MixtureSourceSection:
         if (self.path is None) == (self.prepared_dir is None):
-            raise ValueError("set exactly one of path (JSONL) or prepared_dir")
+            raise ValueError("set exactly one of path (JSONL or Hugging Face dataset) or prepared_dir")
         return self
 
     @property

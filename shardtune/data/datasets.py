@@ -18,6 +18,7 @@ from shardtune.data.corpus import (
     tokenize_records,
     with_packing,
 )
+from shardtune.data.hf_source import is_hf_input, read_mixture_records
 from shardtune.errors import DataError
 
 
@@ -99,7 +100,11 @@ def _mixture_splits(cfg: RunConfig, tokenizer, entry) -> dict:
                                                tokenizer_fingerprint=fingerprint,
                                                verify=data.verify_checksums).corpus
     else:
-        train, val, test = split_records(read_jsonl_records(entry.path), data.validation_fraction, data.test_fraction)
+        if is_hf_input(entry.path):  # hf:NAME[:CONFIG] or a save_to_disk directory
+            records = read_mixture_records(entry)
+        else:
+            records = read_jsonl_records(entry.path)
+        train, val, test = split_records(records, data.validation_fraction, data.test_fraction)
         if not train:
             raise DataError(f"data.mixture source {entry.label} ({entry.path}) has no training records "
                             "after the validation/test split")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from shardtune.config import PrepareSection
 from shardtune.data.encoder import DocumentEncoder, resolve_chat_template
+from shardtune.data.hf_source import HFInput, is_hf_input, open_hf_input
 from shardtune.data.preference import RatingsTally, pair_ratings
 from shardtune.data.prepare_workers import parse_and_encode_in_workers, parse_or_reject
 from shardtune.data.records import (
@@ -74,9 +75,12 @@ class PrepareResult:
 # Fingerprints
 
 
-def resolve_inputs(patterns: list[str]) -> list[Path]:
-    paths: list[Path] = []
+def resolve_inputs(patterns: list[str], settings: PrepareSection | None = None) -> list[Path | HFInput]:
+    paths: list = []
     for pattern in patterns:
+        if is_hf_input(pattern):  # hf:NAME[:CONFIG] or a save_to_disk directory (data/hf_source.py)
+            paths.append(open_hf_input(pattern, settings or PrepareSection()))
+            continue
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise FileNotFoundError(f"no input file matches {pattern!r}")
@@ -84,6 +88,8 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
             if Path(m) not in paths:
                 paths.append(Path(m))
     for p in paths:
+        if isinstance(p, HFInput):
+            continue
         if not p.is_file():
             raise FileNotFoundError(f"input file not found: {p}")
     return paths
@@ -208,10 +214,11 @@ def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: li
     ``tokenizer=None`` trains a byte-level BPE of ``tokenizer_vocab_size`` on the valid records.
     """
     out_dir = Path(out_dir)
-    paths = resolve_inputs(inputs if inputs is not None else settings.inputs)
+    paths = resolve_inputs(inputs if inputs is not None else settings.inputs, settings)
     if not paths:
         raise DataError("no input files: give them on the command line or in data.prepare.inputs")
-    input_info = [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
+    input_info = [p.info() if isinstance(p, HFInput) else
+                  {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
     template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
     tokenizer_spec = tokenizer_fingerprint(tokenizer) if tokenizer is not None else f"trained-bpe:{tokenizer_vocab_size}"
     fingerprint = job_fingerprint(input_info, settings, tokenizer_spec, template)

@@ -101,6 +101,9 @@ RawItem = tuple[str, "dict[str, Any] | BadRecord"]
 
 
 def read_raw_records(path: Path, file_type: str = "auto") -> Iterator[RawItem]:
+    if hasattr(path, "rows"):  # a Hugging Face dataset input (data/hf_source.HFInput)
+        yield from path.rows()
+        return
     check_input_file(path)
     kind = file_type if file_type != "auto" else _file_type_from_suffix(path)
     if kind == "jsonl":
