@@ -105,9 +105,16 @@ class PrepareSection(_Section):
     allowed_roles: list[str] = Field(default_factory=lambda: ["system", "user", "assistant", "tool"])
     label_names: list[str] | None = None  # classification labels; None = in order of first appearance
     max_tokens: int | None = Field(None, ge=2)
+    # Characters per record and per message after normalisation (too_long drops). auto: 32 x
+    # data.seq_len, at least 8192 (docs/data.md); null: no limit.
+    max_chars: int | Literal["auto"] | None = Field("auto", ge=1)
+    max_message_chars: int | Literal["auto"] | None = Field("auto", ge=1)
     overlong: Literal["drop", "truncate"] = "drop"
     near_dedup: bool = True
     near_dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # estimated Jaccard of word 5-grams
+    # Shorter texts (words and punctuation runs) are left to exact dedup after normalisation:
+    # MinHash on them drops distinct records that differ in a name.
+    near_dedup_min_tokens: int = Field(32, ge=1)
     splits: SplitRatios = SplitRatios()
     shard_tokens: int = Field(1 << 26, ge=1)  # a shard closes after the document crossing this
     # A Jinja chat template; None = the tokenizer's own, else a built-in ChatML-like one.
@@ -230,6 +237,14 @@ class TrainSection(_Section):
         if isinstance(value, bool):
             return "blocks" if value else "none"
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_default_steps(cls, data: Any) -> Any:
+        # train.epochs alone is the whole budget: the default max_steps must not cap it.
+        if isinstance(data, dict) and data.get("epochs") is not None and "max_steps" not in data:
+            data = {**data, "max_steps": None}
+        return data
 
     @model_validator(mode="after")
     def _length(self) -> TrainSection:

@@ -58,7 +58,7 @@ def run(args, extra, parser) -> int:
         if tokenizer_path:
             tokenizer = load_tokenizer(TokenizerSection(name_or_path=tokenizer_path), cfg.model.trust_remote_code)
         result = prepare_dataset(settings, out_dir, inputs=inputs or None, tokenizer=tokenizer,
-                                 tokenizer_vocab_size=cfg.tokenizer.vocab_size)
+                                 tokenizer_vocab_size=cfg.tokenizer.vocab_size, seq_len=cfg.data.seq_len)
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from None
     print(format_table(result.report), end="")

@@ -29,12 +29,19 @@ from shardtune.config import PrepareSection
 from shardtune.data.encoder import DocumentEncoder, resolve_chat_template
 from shardtune.data.hf_source import HFInput, is_hf_input, open_hf_input
 from shardtune.data.preference import RatingsTally, pair_ratings
+from shardtune.data.prepare_checks import (
+    checked_auto_format,
+    fail_on_first_invalid,
+    nothing_kept_error,
+    record_rules,
+    resolve_length_limits,
+)
 from shardtune.data.prepare_workers import parse_and_encode_in_workers, parse_or_reject
 from shardtune.data.records import (
     BadRecord,
     NearDuplicateIndex,
     Record,
-    RecordRules,
+    check_input_file,
     parse_record,
     read_raw_records,
 )
@@ -54,7 +61,7 @@ from shardtune.integrity import sha256_file, sha256_json
 from shardtune.run_dirs import make_run_dir
 
 # Problems with the input itself; ``on_bad_record: error`` turns these into hard errors.
-# Other drops (empty, duplicates, over-long) are cleaning decisions and never fail the run.
+# Other drops (empty, duplicates, too long) are cleaning decisions and never fail the run.
 INVALID_REASONS = frozenset({
     "undecodable_bytes", "malformed_json", "malformed_csv", "not_an_object",
     "missing_field", "wrong_type", "unknown_role", "unknown_label",
@@ -90,8 +97,7 @@ def resolve_inputs(patterns: list[str], settings: PrepareSection | None = None) 
     for p in paths:
         if isinstance(p, HFInput):
             continue
-        if not p.is_file():
-            raise FileNotFoundError(f"input file not found: {p}")
+        check_input_file(p)
     return paths
 
 
@@ -122,23 +128,20 @@ class _Pipeline:
     def __init__(self, settings: PrepareSection, encoder: DocumentEncoder, out_dir: Path, dtype):
         self.settings = settings
         self.encoder = encoder
-        self.rules = RecordRules(
-            format=settings.format,
-            unicode_form=settings.unicode_form,
-            allowed_roles=tuple(settings.allowed_roles),
-            label_names=tuple(settings.label_names) if settings.label_names is not None else None,
-        )
+        self.rules = record_rules(settings)
         self.acc = Accounting(SPLITS)
         self.ratings = RatingsTally()  # rating records, before they become pairs (ratings.json)
-        self.seen: set[bytes] = set()
-        self.near = NearDuplicateIndex(settings.near_dedup_threshold) if settings.near_dedup else None
+        self.seen: dict[bytes, str] = {}  # dedup key -> file:line of the record kept
+        self.near = (NearDuplicateIndex(settings.near_dedup_threshold, min_tokens=settings.near_dedup_min_tokens)
+                     if settings.near_dedup else None)
         self.labels: dict[str, int] = {name: i for i, name in enumerate(settings.label_names or [])}
         self.writers = {s: ShardWriter(out_dir / s, dtype, settings.shard_tokens) for s in SPLITS}
         self.pending: dict[str, list[tuple[Record, bytes]]] = {s: [] for s in SPLITS}
 
     def run(self, paths: list[Path]) -> None:
         for path in paths:
-            items = pair_ratings(read_raw_records(path, self.settings.file_type), self.rules, self.ratings)
+            raw = checked_auto_format(read_raw_records(path, self.settings.file_type), path, self.rules)
+            items = pair_ratings(raw, self.rules, self.ratings)
             if self.settings.workers > 1:
                 parsed = parse_and_encode_in_workers(items, self.settings.workers, self.encoder.tokenizer,
                                                      self.encoder.chat_template, self.rules)
@@ -161,13 +164,16 @@ class _Pipeline:
             self.acc.drop(record.reason, location, record.detail)
             return
         digest = record.content_digest()
-        if digest in self.seen:
-            self.acc.drop("exact_duplicate", location)
+        key = record.dedup_key()
+        if key in self.seen:
+            self.acc.drop("exact_duplicate", location, f"same as {self.seen[key]}")
             return
-        self.seen.add(digest)
+        self.seen[key] = location
         # Not pairs: two pairs of one prompt and one chosen answer differ only in the rejected one.
-        if self.near is not None and record.kind != "preference" and self.near.check_and_add(record.plain_text()):
-            self.acc.drop("near_duplicate", location)
+        near = self.near is not None and record.kind != "preference"
+        match = self.near.check_and_add(record.plain_text(), location) if near else None
+        if match is not None:
+            self.acc.drop("near_duplicate", location, f"matches {match.location} (similarity {match.similarity:.2f})")
             return
         if record.label is not None:
             # Ids in order of first appearance in the input: appending data keeps existing ids.
@@ -192,7 +198,7 @@ class _Pipeline:
         max_tokens = self.settings.max_tokens
         if max_tokens is not None and len(ids) > max_tokens:
             if self.settings.overlong == "drop":
-                self.acc.drop("overlong", record.location, f"{len(ids)} tokens > {max_tokens}")
+                self.acc.drop("too_long", record.location, f"{len(ids):,} tokens > data.prepare.max_tokens={max_tokens:,}")
                 return
             ids, mask = ids[:max_tokens], mask[:max_tokens]
             self.acc.truncated += 1
@@ -208,15 +214,19 @@ class _Pipeline:
 
 
 def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: list[str] | None = None,
-                    tokenizer=None, tokenizer_vocab_size: int = 2048) -> PrepareResult:
+                    tokenizer=None, tokenizer_vocab_size: int = 2048, seq_len: int | None = None) -> PrepareResult:
     """Prepare ``inputs`` (or ``settings.inputs``) into ``out_dir``; a no-op if already done.
 
     ``tokenizer=None`` trains a byte-level BPE of ``tokenizer_vocab_size`` on the valid records.
+    ``seq_len`` (the run's ``data.seq_len``; default its default) sets the ``auto`` length limits.
     """
     out_dir = Path(out_dir)
+    settings = resolve_length_limits(settings, seq_len)
     paths = resolve_inputs(inputs if inputs is not None else settings.inputs, settings)
     if not paths:
         raise DataError("no input files: give them on the command line or in data.prepare.inputs")
+    if settings.on_bad_record == "error":  # before hashing, tokenizer training or workers: seconds each
+        fail_on_first_invalid(paths, settings, record_rules(settings), INVALID_REASONS)
     input_info = [p.info() if isinstance(p, HFInput) else
                   {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
     template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
@@ -237,6 +247,8 @@ def prepare_dataset(settings: PrepareSection, out_dir: str | Path, *, inputs: li
         dtype = token_dtype(len(tokenizer))
         pipeline = _Pipeline(settings, DocumentEncoder(tokenizer, template), work, dtype)
         pipeline.run(paths)
+        if not any(pipeline.acc.kept.values()):
+            raise nothing_kept_error(pipeline.acc.dropped, pipeline.acc.examples, pipeline.acc.read)
         report = write_report(pipeline.acc, work)
         pipeline.ratings.write(work)
         manifest = {
@@ -287,12 +299,13 @@ def _save_tokenizer(tokenizer, save_dir: Path, paths, settings: PrepareSection, 
         return tokenizer
     from shardtune.data.tokenizer import train_tokenizer
 
-    rules = RecordRules(format=settings.format, unicode_form=settings.unicode_form,
-                        allowed_roles=tuple(settings.allowed_roles))
+    # The label check is left to the pipeline, which counts unknown labels as drops.
+    rules = record_rules(settings.model_copy(update={"label_names": None}))
 
     def texts():
         for path in paths:
-            for location, raw in pair_ratings(read_raw_records(path, settings.file_type), rules):
+            items = checked_auto_format(read_raw_records(path, settings.file_type), path, rules)
+            for location, raw in pair_ratings(items, rules):
                 if isinstance(raw, BadRecord):
                     continue
                 try:

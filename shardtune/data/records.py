@@ -116,9 +116,9 @@ def read_raw_records(path: Path, file_type: str = "auto") -> Iterator[RawItem]:
 
 def check_input_file(path: Path) -> None:
     if path.is_dir():
-        raise FileNotFoundError(f"input {path} is a directory: give the files in it (e.g. '{path}/*.jsonl')")
+        raise DataError(f"input {path} is a directory: give the files in it (e.g. '{path}/*.jsonl')")
     if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
+        raise DataError(f"input file not found: {path}")
 
 
 def _file_type_from_suffix(path: Path) -> str:

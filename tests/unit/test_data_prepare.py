@@ -84,7 +84,7 @@ def dirty_jsonl(path) -> tuple[int, dict[str, int]]:
         # Same content once normalised: trailing spaces, CRLF, a non-breaking space.
         (dumps({"prompt": good[25]["prompt"] + "  ", "completion": good[25]["completion"].replace(" ", "\u00a0", 1) + "\r\n"}), "exact_duplicate"),
         (dumps({"text": long_text.rsplit(" ", 1)[0] + " different"}), "near_duplicate"),
-        (dumps({"text": sentence(rng, 400)}), "overlong"),
+        (dumps({"text": sentence(rng, 400)}), "too_long"),
     ]
     lines = [dumps(r) for r in good]
     for line, _ in bad:
