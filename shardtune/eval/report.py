@@ -15,6 +15,7 @@ import yaml
 HEADLINE = {
     "classification": ["loss", "accuracy", "f1_macro", "precision_macro", "recall_macro"],
     "causal_lm": ["loss", "perplexity", "token_accuracy"],
+    "preference": ["loss", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "logp_accuracy"],
 }
 
 
