@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardtune.config import DataSection
-from shardtune.data.packing import CorpusPacker, PackedEpoch, TokenizedCorpus, WholeDocumentEpoch
+from shardtune.data.packing import (
+    CorpusPacker,
+    PackedEpoch,
+    TokenizedCorpus,
+    WholeDocumentEpoch,
+    plan_cache_beside,
+)
 from shardtune.data.synthetic import generate_records
 from shardtune.errors import DataError
 
@@ -105,7 +111,9 @@ class RepackedSource:
 
     def __init__(self, prepared, packing: str):
         self.prepared = prepared
-        self._packer = CorpusPacker(prepared.corpus, prepared.seq_len, prepared.seed, packing)
+        # A built whole_documents plan is kept beside the shards: resume reads it in ms.
+        cache = plan_cache_beside(prepared.prepared_dir, prepared.split, prepared.manifest["splits"][prepared.split])
+        self._packer = CorpusPacker(prepared.corpus, prepared.seq_len, prepared.seed, packing, plan_cache=cache)
 
     def epoch(self, epoch: int) -> PackedEpoch | WholeDocumentEpoch:
         return self._packer.epoch(epoch)

@@ -24,9 +24,14 @@ materialises only the sequences it is given, touching only the documents inside 
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from shardtune.integrity import sha256_json
 
 IGNORE_INDEX = -100
 PACKINGS = ("concat", "whole_documents")
@@ -214,9 +219,15 @@ class WholeDocumentEpoch:
     """``whole_documents`` packing: no document is split between two sequences."""
 
     def __init__(self, corpus: TokenizedCorpus, seq_len: int, seed: int, epoch: int, key: tuple[int, ...] = (),
-                 truncation: tuple[np.ndarray, TruncationStats] | None = None):
+                 truncation: tuple[np.ndarray, TruncationStats] | None = None, *, plan: dict | None = None):
+        """``plan``: the arrays of ``plan_arrays()`` from an earlier build of this same epoch."""
         self.corpus = corpus
         self.seq_len = seq_len
+        if plan is not None:
+            self.docs, self.takes, self.starts = plan["docs"], plan["takes"], plan["starts"]
+            self.truncation = TruncationStats(*(int(v) for v in plan["truncation"]))
+            self.num_sequences = len(self.starts) - 1
+            return
         keep, self.truncation = truncation or truncation_plan(corpus, seq_len)
         order = document_order(corpus.num_documents, seed, epoch, key)
         order = order[keep[order] > 0]
@@ -227,6 +238,10 @@ class WholeDocumentEpoch:
         self.takes = keep[self.docs]
         self.num_sequences = int(assignment.max()) + 1 if len(assignment) else 0
         self.starts = np.searchsorted(assignment[by_sequence], np.arange(self.num_sequences + 1))
+
+    def plan_arrays(self) -> dict[str, np.ndarray]:
+        return {"docs": self.docs, "takes": self.takes, "starts": self.starts,
+                "truncation": np.asarray(list(self.truncation.as_dict().values()), dtype=np.int64)}
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -257,18 +272,111 @@ class WholeDocumentEpoch:
                 **self.truncation.as_dict()}
 
 
-class CorpusPacker:
-    """Packs one corpus with the configured packer; caches the order-independent truncation."""
+class PlanCache:
+    """Built ``whole_documents`` plans on disk, one file per (seq_len, seed, epoch, key).
 
-    def __init__(self, corpus: TokenizedCorpus, seq_len: int, seed: int, packing: str = "concat"):
+    The first-fit pass is sequential Python over every document (1.1-1.4 s at 1.5M
+    documents), and a run rebuilds its epoch's plan at every start and resume. A plan is a
+    pure function of (corpus, seq_len, seed, epoch, key), so it is stored once beside the
+    prepared data under the corpus's ``identity`` (a digest of its manifest entry) and read
+    back memory-mapped. A cache that cannot be written (a read-only dataset) only costs the
+    rebuild; a file from another corpus, packer version or a torn write is never used.
+    """
+
+    VERSION = 1
+
+    def __init__(self, directory: str | Path, identity: str):
+        self.directory = Path(directory)
+        self.identity = identity
+
+    def _path(self, seq_len: int, seed: int, epoch: int, key: tuple[int, ...]) -> Path:
+        suffix = "".join(f"-k{k}" for k in key)
+        return self.directory / f"whole-v{self.VERSION}-w{OPEN_SEQUENCES}-L{seq_len}-s{seed}-e{epoch}{suffix}.npy"
+
+    def load(self, seq_len: int, seed: int, epoch: int, key: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+        path = self._path(seq_len, seed, epoch, key)
+        try:
+            flat = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError):  # absent, or torn by a crash mid-write elsewhere
+            return None
+        return _unpack_plan(flat, self.identity)
+
+    def store(self, seq_len: int, seed: int, epoch: int, key: tuple[int, ...], plan: dict[str, np.ndarray]) -> None:
+        path = self._path(seq_len, seed, epoch, key)
+        # Ranks may build the same plan at once: each writes its own file, and the rename
+        # makes one complete copy visible (the copies are identical).
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as fh:
+                np.save(fh, _pack_plan(plan, self.identity))
+            os.replace(tmp, path)
+        except OSError:  # read-only or missing: the plan is rebuilt next time
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def plan_cache_beside(prepared_dir: str | Path, split: str, split_manifest: dict) -> PlanCache:
+    """``<prepared_dir>/plans/<split>/``, keyed by the split's manifest entry (every shard's
+    sha256): re-preparing the data changes the identity, so old plans are never used."""
+    return PlanCache(Path(prepared_dir) / "plans" / split, sha256_json(split_manifest))
+
+
+def _identity_words(identity: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(identity[:32].ljust(32, "0")), dtype=np.int64)
+
+
+def _pack_plan(plan: dict[str, np.ndarray], identity: str) -> np.ndarray:
+    """One int64 array: identity (2), counts (3), truncation (6), then docs, takes, starts."""
+    docs, takes, starts = (np.asarray(plan[k], dtype=np.int64) for k in ("docs", "takes", "starts"))
+    header = np.concatenate([_identity_words(identity), [len(docs), len(takes), len(starts)],
+                             np.asarray(plan["truncation"], dtype=np.int64)])
+    return np.concatenate([header, docs, takes, starts])
+
+
+def _unpack_plan(flat: np.ndarray, identity: str) -> dict[str, np.ndarray] | None:
+    header = 11
+    if flat.ndim != 1 or len(flat) < header or not np.array_equal(flat[:2], _identity_words(identity)):
+        return None
+    n_docs, n_takes, n_starts = (int(v) for v in flat[2:5])
+    if n_docs != n_takes or n_starts < 1 or len(flat) != header + n_docs + n_takes + n_starts:
+        return None
+    body = flat[header:]
+    return {"docs": body[:n_docs], "takes": body[n_docs : 2 * n_docs],
+            "starts": body[2 * n_docs :], "truncation": np.asarray(flat[5:header])}
+
+
+class CorpusPacker:
+    """Packs one corpus with the configured packer; caches the order-independent truncation
+    and, given a ``plan_cache``, every built ``whole_documents`` plan."""
+
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int, seed: int, packing: str = "concat",
+                 plan_cache: PlanCache | None = None):
         if packing not in PACKINGS:
             raise ValueError(f"data.packing={packing!r} is not one of {', '.join(PACKINGS)}")
         self.corpus, self.seq_len, self.seed, self.packing = corpus, seq_len, seed, packing
+        self.plan_cache = plan_cache
         self._truncation = None
 
     def epoch(self, epoch: int, key: tuple[int, ...] = ()) -> PackedEpoch | WholeDocumentEpoch:
         if self.packing == "concat":
             return PackedEpoch(self.corpus, self.seq_len, self.seed, epoch, key)
+        args = (self.seq_len, self.seed, epoch, key)
+        if self.plan_cache is not None:
+            plan = self.plan_cache.load(*args)
+            if plan is not None and _plan_fits(plan, self.corpus.num_documents):
+                return WholeDocumentEpoch(self.corpus, self.seq_len, self.seed, epoch, key, plan=plan)
         if self._truncation is None:
             self._truncation = truncation_plan(self.corpus, self.seq_len)
-        return WholeDocumentEpoch(self.corpus, self.seq_len, self.seed, epoch, key, self._truncation)
+        built = WholeDocumentEpoch(self.corpus, self.seq_len, self.seed, epoch, key, self._truncation)
+        if self.plan_cache is not None:
+            self.plan_cache.store(*args, built.plan_arrays())
+        return built
+
+
+def _plan_fits(plan: dict[str, np.ndarray], num_documents: int) -> bool:
+    # Cheap sanity beyond the identity: a plan never names a document the corpus lacks.
+    docs = plan["docs"]
+    return len(docs) == 0 or (int(plan["starts"][-1]) == len(docs) and int(docs.max()) < num_documents)
