@@ -38,10 +38,48 @@ class Strategy(ABC):
         # Parameter name -> multiplier on train.lr (discriminative / layer-wise rates), set by
         # build_run from the fine-tuning plan before ``setup``; None = one rate for all.
         self.lr_scales: dict[str, float] | None = None
+        # Set by ``build_meta_model``: where a meta-built model's values come from.
+        self.weights = None
+        self.load_note = "full build on every rank"
+
+    # -- the model-loading entry: how this strategy wants its model built --------------
+    # Replicating strategies (ddp, zero1, zero2) hold the whole model on every rank anyway:
+    # each builds it in full (``from_pretrained`` memory-maps the safetensors files, so the
+    # ranks of a node share one page cache copy of the checkpoint). Sharding strategies
+    # override this to build on ``meta`` and load only their shards in ``setup``.
+
+    def build_model(self, tokenizer, label_names: list[str] | None = None) -> torch.nn.Module:
+        """The plain model for ``setup`` (call after ``torch.manual_seed``)."""
+        from shardtune.models.loading import build_model
+
+        cfg = self.cfg
+        return build_model(cfg.model, tokenizer, task=cfg.task, label_names=label_names,
+                           dropout=cfg.finetune.dropout)
+
+    def build_meta_model(self, tokenizer, label_names: list[str] | None = None) -> torch.nn.Module:
+        """For sharding strategies: the model on ``meta``, its values kept for ``setup``;
+        the full build where a meta build cannot give the same model."""
+        from shardtune.models.sharded_load import NotShardable, build_meta_model
+
+        cfg = self.cfg
+        if cfg.finetune.strategy == "lora":
+            # PEFT adds and initialises its adapters after the build, outside the replay.
+            self.load_note = "full build (finetune.strategy=lora)"
+            return self.build_model(tokenizer, label_names)
+        try:
+            model, self.weights = build_meta_model(cfg.model, tokenizer, task=cfg.task,
+                                                   label_names=label_names, dropout=cfg.finetune.dropout)
+        except NotShardable as why:
+            self.load_note = f"full build ({why})"
+            return self.build_model(tokenizer, label_names)
+        self.load_note = "sharded: meta build, " + (
+            "shards read from safetensors" if self.weights.checkpoint else "shards initialised")
+        return model
 
     @abstractmethod
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
-        """Shard ``model`` and build its optimizer and scheduler."""
+        """Shard ``model`` (materialising it from ``self.weights`` if it was built on meta)
+        and build its optimizer and scheduler."""
 
     def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward+backward; skips gradient sync before the last."""

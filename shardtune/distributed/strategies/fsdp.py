@@ -44,11 +44,35 @@ def set_prefetch(blocks: list, forward: int, backward: int) -> None:
             block.set_modules_to_backward_prefetch(blocks[max(0, i - backward) : i][::-1])
 
 
+def local_flat_view(name: str, tensor: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Where this rank's part of a (DTensor) parameter starts in the flattened full tensor.
+
+    FSDP2 shards dim 0 only (``Shard(0)``, ``torch.chunk`` sizes), so a rank's rows are one
+    contiguous range of elements; buffers are replicated and read whole.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(tensor, DTensor):
+        return 0, tensor.data
+    local = tensor.to_local()
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    row = local[0].numel() if local.dim() else 1
+    return offset[0] * row if local.dim() else 0, local
+
+
 class FSDPStrategy(TorchStateMixin, Strategy):
     name = "fsdp"
 
+    def build_model(self, tokenizer, label_names: list[str] | None = None) -> torch.nn.Module:
+        # On meta: ``fully_shard`` runs before any weight exists, then each rank allocates
+        # and reads only its shards (torchtitan's order).
+        return self.build_meta_model(tokenizer, label_names)
+
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
-        model.to(self.ctx.device)
+        meta = self.weights is not None
+        if not meta:
+            model.to(self.ctx.device)
         fsdp = self.cfg.distributed.fsdp
         policy = mixed_precision_policy(self.bf16, fsdp.reduce_dtype)
         blocks = transformer_blocks(model)
@@ -58,6 +82,10 @@ class FSDPStrategy(TorchStateMixin, Strategy):
             fully_shard(block, mp_policy=policy,
                         reshard_after_forward=fsdp.reshard_after_forward and i < len(blocks) - 1)
         fully_shard(model, mp_policy=policy, reshard_after_forward=fsdp.reshard_after_forward)
+        if meta:
+            model.to_empty(device=self.ctx.device)
+            self.weights.load_into(model, local_flat_view)
+            self.weights = None  # drops the checkpoint handles and the init records
         set_prefetch(blocks, fsdp.forward_prefetch, fsdp.backward_prefetch)
         self.model = model
         self.optimizer = build_optimizer(model, self.cfg.train, self.lr_scales)

@@ -81,6 +81,22 @@ def deepspeed_config(
     return deep_merge(generated, cfg.distributed.deepspeed)
 
 
+def partition_view(rank: int):
+    """``load_into``'s view of ZeRO-3 parameters: rank r holds elements ``r*p .. r*p + p`` of
+    the flattened parameter in ``ds_tensor`` (``p``: the partition size, the last one
+    padded), which is how ``zero.Init`` partitions; buffers are whole on every rank."""
+
+    def view(name: str, tensor: torch.Tensor) -> tuple[int, torch.Tensor]:
+        part = getattr(tensor, "ds_tensor", None)
+        if part is None:
+            return 0, tensor.data
+        size = part.numel()
+        start = rank * size
+        return start, part.narrow(0, 0, max(0, min(size, tensor.ds_numel - start)))
+
+    return view
+
+
 class ZeroStrategy(Strategy):
     def __init__(self, cfg: RunConfig, ctx, stage: int):
         super().__init__(cfg, ctx)
@@ -93,10 +109,47 @@ class ZeroStrategy(Strategy):
             cfg, ctx.world_size, stage, self.bf16, on_gpu=ctx.device.type == "cuda"
         )
 
+    def build_model(self, tokenizer, label_names: list[str] | None = None) -> torch.nn.Module:
+        # ZeRO-3 partitions every parameter: built on meta here, then rebuilt partitioned in
+        # ``setup``. ZeRO-1/2 keep whole weights on every rank: the full build.
+        if self.stage == 3:
+            return self.build_meta_model(tokenizer, label_names)
+        return super().build_model(tokenizer, label_names)
+
+    def _partitioned(self, meta_model: torch.nn.Module) -> torch.nn.Module:
+        """The meta-built model again, under ``deepspeed.zero.Init``: each parameter is
+        partitioned as its module is constructed (construction-time init switched off, the
+        values come from ``self.weights``), then every rank fills its own partitions."""
+        import deepspeed
+        from transformers.initialization import no_init_weights
+
+        from shardtune.models.loading import apply_activation_checkpointing
+
+        ds_config = deepspeed_config(self.cfg, self.ctx.world_size, 3, self.bf16,
+                                     on_gpu=self.ctx.device.type == "cuda",
+                                     hidden_size=meta_model.config.hidden_size)
+        # What deepspeed.initialize does first: wrap the existing process group, so zero.Init
+        # sees the real world size.
+        deepspeed.init_distributed(dist_backend=self.ctx.backend, dist_init_required=False)
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = type(meta_model)(meta_model.config)
+        model.tie_weights()
+        trainable = {name: p.requires_grad for name, p in meta_model.named_parameters()}
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable[name])
+        model.config.use_cache = False
+        apply_activation_checkpointing(model, self.cfg.model)
+        self.weights.load_into(model, partition_view(self.ctx.rank))
+        self.weights = None
+        return model
+
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
         import deepspeed
 
-        model.to(self.ctx.device)
+        if self.weights is not None:
+            model = self._partitioned(model)  # zero.Init placed the partitions already
+        else:
+            model.to(self.ctx.device)
         # ZeRO-1/2 leave the module's forward alone (only gradients and optimizer states are
         # partitioned), so compiled forwards run unchanged; zero3 is refused in __init__.
         apply_compile(model, self.cfg.train.compile)

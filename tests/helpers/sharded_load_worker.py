@@ -1,0 +1,118 @@
+"""Under torchrun: load a model the way ``build_run`` does (``strategy.build_model``, the
+fine-tuning plan, ``strategy.setup``), measuring this rank's resident memory during the load,
+then compare its logits on fixed tokens with a full ``build_model`` under the same seed
+(``from_pretrained`` for a checkpoint, ``from_config`` for a config).
+
+    torchrun --nproc-per-node 2 sharded_load_worker.py OUT.json CONFIG.yaml [key=value ...]
+
+Extra flags (before the config): ``--no-reference`` skips the comparison (memory runs);
+``--labels N`` makes a classification model with N labels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class StandInTokenizer:
+    """What model building reads from a tokenizer, for checkpoints that ship none."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = 1, 2, 0
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().cpu()
+
+
+def warm_imports(cfg, tokenizer, labels) -> None:
+    """Import the model's code (and DeepSpeed) before measuring: the load is what is
+    measured, not the ~100 MiB of modules a first import maps."""
+    from shardtune.models.loading import model_class_and_config
+
+    if cfg.distributed.strategy.startswith("zero"):
+        import deepspeed  # noqa: F401
+    auto, config, _ = model_class_and_config(cfg.model, tokenizer, task=cfg.task, label_names=labels)
+    with torch.device("meta"):
+        auto.from_config(config)
+
+
+def main(argv: list[str]) -> None:
+    from shardtune.config import load_config
+    from shardtune.distributed.process_group import init_distributed, shutdown
+    from shardtune.distributed.strategies import build_strategy
+    from shardtune.models.loading import build_model
+    from shardtune.models.sharded_load import peak_host_memory_mib, reset_peak_host_memory
+    from shardtune.train.finetune import apply_finetuning
+
+    reference = "--no-reference" not in argv
+    argv = [a for a in argv if a != "--no-reference"]
+    labels = None
+    if argv[0] == "--labels":
+        labels = [f"label{i}" for i in range(int(argv[1]))]
+        argv = argv[2:]
+    out, config, overrides = Path(argv[0]), argv[1], argv[2:]
+    cfg = load_config(config, overrides)
+    ctx = init_distributed(300, 300)
+    if cfg.model.name_or_path:
+        vocab = json.loads((Path(cfg.model.name_or_path) / "config.json").read_text())["vocab_size"]
+    else:
+        vocab = cfg.model.config.get("vocab_size", cfg.tokenizer.vocab_size)
+    tokenizer = StandInTokenizer(vocab)
+
+    strategy = build_strategy(cfg, ctx)
+    warm_imports(cfg, tokenizer, labels)
+    dist.barrier()
+    reset_peak_host_memory()
+    before = rss_mib()
+    start = time.perf_counter()
+    torch.manual_seed(cfg.run.seed)
+    model = strategy.build_model(tokenizer, labels)
+    model, plan = apply_finetuning(model, cfg.finetune, cfg.train.lr)
+    strategy.lr_scales = plan.lr_scales
+    strategy.setup(model, total_steps=10)
+    load_seconds = time.perf_counter() - start
+    peak = peak_host_memory_mib()
+    dist.barrier()
+    load_seconds_all = time.perf_counter() - start
+
+    row = {"rank": ctx.rank, "rss_before_mib": before, "peak_mib": peak, "growth_mib": peak - before,
+           "load_seconds": load_seconds, "note": strategy.load_note}
+    if reference:
+        strategy.train(False)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, vocab, (2, 12), generator=generator)
+        got = logits_of(strategy.model, ids.to(ctx.device))
+        torch.manual_seed(cfg.run.seed)
+        full = build_model(cfg.model, tokenizer, task=cfg.task, label_names=labels,
+                           dropout=cfg.finetune.dropout).eval()
+        want = logits_of(full, ids)
+        row["max_abs_diff"] = float((got - want).abs().max())
+        row["max_abs_logit"] = float(want.abs().max())
+    rows = [None] * ctx.world_size
+    dist.all_gather_object(rows, row)
+    if ctx.is_main:
+        out.write_text(json.dumps({"rows": rows, "load_seconds": load_seconds_all}, indent=1))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
