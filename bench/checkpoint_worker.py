@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shardtune.checkpoint.checkpointer import Checkpointer
+from shardtune.checkpoint.trainer_state import TrainProgress
 from shardtune.config import load_config
 from shardtune.distributed.process_group import init_distributed, shutdown
 from shardtune.tasks import CausalLMTask
-from shardtune.train.components import build_run, trainer_state, write_export_extras
+from shardtune.train.components import build_checkpointer, build_run
 
 
 def timed(fn) -> float:
@@ -41,18 +41,16 @@ def main() -> None:
     batch = parts.loader.next_step()[0]
     strategy.backward(CausalLMTask().loss_sum(strategy.model, batch, ctx.device) * 1e-3, True)
     strategy.step(1.0, skip=False)
-    ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, ctx, strategy,
-                        extras_writer=lambda d: write_export_extras(d, parts))
-    state = trainer_state(cfg, 1, 0, parts.loader, strategy)
+    ckpt = build_checkpointer(cfg, ctx, parts, TrainProgress(step=1))
     results: dict[str, float] = {"world_size": ctx.world_size, "params": parts.num_params}
 
     if mode == "save":
-        results["sync_save_s"] = timed(lambda: ckpt.save(1, state, blocking=True))
+        results["sync_save_s"] = timed(lambda: ckpt.save(1, blocking=True))
         blocked = {}
 
         def async_save():
             start = time.perf_counter()
-            ckpt.save(2, state)
+            ckpt.save(2)
             blocked["s"] = time.perf_counter() - start
             ckpt.wait()
 

@@ -26,13 +26,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shardtune.checkpoint.checkpointer import Checkpointer
+from shardtune.checkpoint.trainer_state import TrainProgress
 from shardtune.config import load_config
 from shardtune.distributed.collectives import all_reduce_sum
 from shardtune.distributed.process_group import init_distributed, shutdown
 from shardtune.eval.evaluate import evaluate
-from shardtune.optim import restore_scheduler
-from shardtune.train.components import build_run, trainer_state, write_export_extras
+from shardtune.train.components import build_checkpointer, build_run
 
 PER_RANK_CPU: list[list[float]] = []  # every timed phase's CPU seconds, one entry per rank
 
@@ -80,8 +79,8 @@ def main() -> None:
     setup_s = time.perf_counter() - start
     strategy = parts.strategy
     strategy.train(True)
-    ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, ctx, strategy,
-                        extras_writer=lambda d: write_export_extras(d, parts))
+    progress = TrainProgress()
+    ckpt = build_checkpointer(cfg, ctx, parts, progress)
     result: dict = {"world_size": ctx.world_size, "strategy": strategy.name, "mode": mode,
                     "params": parts.num_params, "setup_s": setup_s, "losses": {}, "steps": []}
 
@@ -89,8 +88,7 @@ def main() -> None:
     if mode == "resume":
         source = Path(os.environ["BENCH_RESUME_FROM"])
         state, wall, cpu = timed(lambda: ckpt.load(source))
-        parts.loader.load_state_dict(state["loader"])
-        restore_scheduler(strategy.scheduler, state["scheduler"])
+        ckpt.state.load_state_dict(state)
         result.update(load_s=wall, load_cpu_s=cpu, resumed_from=str(source),
                       source_world_size=json.loads((source / "manifest.json").read_text())["world_size"])
         first = state["step"] + 1
@@ -109,8 +107,8 @@ def main() -> None:
                 strategy, parts.task, parts.val_source.epoch(0), micro_batch_size=cfg.train.micro_batch_size,
                 rank=ctx.rank, world_size=ctx.world_size, max_batches=cfg.train.eval_batches))
             result.update(eval_s=wall, eval_cpu_s=cpu, val_loss=metrics["loss"])
-            state = trainer_state(cfg, step, 0, parts.loader, strategy)
-            _, wall, cpu = timed(lambda step=step, state=state: ckpt.save(step, state, blocking=True))
+            progress.step = step
+            _, wall, cpu = timed(lambda step=step: ckpt.save(step, blocking=True))
             result.update(save_s=wall, save_cpu_s=cpu)
 
     if mode == "fresh":

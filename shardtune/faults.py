@@ -1,6 +1,7 @@
 """Fault injection for the fault-tolerance tests, driven by environment variables.
 
-Production runs never set these; each hook is one dictionary lookup when it is reached.
+Production runs set none of these and get ``NO_FAULTS``, whose hooks do nothing; the variables are
+read once, when the process starts.
 ``step:rank`` lists are comma-separated; a rank of ``*`` matches every rank.
 
 * ``SHARDTUNE_FAULT_NONFINITE=3:1``    rank 1's loss at step 3 becomes NaN (and its gradients)
@@ -24,36 +25,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Mapping
 
 import torch
 
-# The step the loop is in, for hooks reached from code that does not know it (evaluation).
-_current_step = 0
-
-
-def _matches(var: str, step: int, rank: int) -> list[str] | None:
-    spec = os.environ.get(var)
-    if not spec:
-        return None
-    for item in spec.split(","):
-        parts = item.split(":")
-        if parts[0] == str(step) and parts[1:2] in ([str(rank)], ["*"]):
-            return parts[2:]
-    return None
-
-
-def step_begins(step: int, rank: int) -> None:
-    global _current_step
-    _current_step = step
-    # Only on torchrun's first attempt: the restarted group must get past the step.
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    if _matches("SHARDTUNE_FAULT_KILL", step, rank) is not None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def nonfinite_loss(step: int, rank: int) -> bool:
-    return _matches("SHARDTUNE_FAULT_NONFINITE", step, rank) is not None
+_VARIABLES = ("NONFINITE", "GRAD", "GRAD_REPLICA", "KILL", "STALL", "SAVE", "SIGNAL")
 
 
 def _value(extra: list[str]) -> float:
@@ -76,47 +52,79 @@ class _PoisonBackward(torch.autograd.Function):
         return grad * ctx.value, None
 
 
-def poison_backward(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    extra = _matches("SHARDTUNE_FAULT_GRAD", step, rank)
-    return loss if extra is None else _PoisonBackward.apply(loss, _value(extra))
+class FaultHooks:
+    """The injection points the loop, the evaluator and the checkpointer call, from one spec."""
 
+    def __init__(self, spec: Mapping[str, str], first_attempt: bool = True):
+        self.spec = {k: v for k, v in spec.items() if v}
+        self.first_attempt = first_attempt
+        # The step the loop is in, for hooks reached from code that does not know it (evaluation).
+        self.current_step = 0
 
-def corrupt_gradient_replica(step: int, rank: int, params) -> None:
-    extra = _matches("SHARDTUNE_FAULT_GRAD_REPLICA", step, rank)
-    if extra is None:
-        return
-    for p in params:
-        grad = p.grad
-        if grad is None:
-            continue
-        local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP2 shard
-        if local.numel():
-            local.view(-1)[0] = _value(extra)
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> FaultHooks:
+        spec = {name: environ.get(f"SHARDTUNE_FAULT_{name}", "") for name in _VARIABLES}
+        if not any(spec.values()):
+            return NO_FAULTS
+        return cls(spec, first_attempt=environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
+
+    def _matches(self, name: str, step: int, rank: int) -> list[str] | None:
+        for item in self.spec.get(name, "").split(",") if name in self.spec else ():
+            parts = item.split(":")
+            if parts[0] == str(step) and parts[1:2] in ([str(rank)], ["*"]):
+                return parts[2:]
+        return None
+
+    def step_begins(self, step: int, rank: int) -> None:
+        self.current_step = step
+        # Only on torchrun's first attempt: the restarted group must get past the step.
+        if self.first_attempt and self._matches("KILL", step, rank) is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def nonfinite_loss(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        return loss * float("nan") if self._matches("NONFINITE", step, rank) is not None else loss
+
+    def poison_backward(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        extra = self._matches("GRAD", step, rank)
+        return loss if extra is None else _PoisonBackward.apply(loss, _value(extra))
+
+    def corrupt_gradient_replica(self, step: int, rank: int, params) -> None:
+        extra = self._matches("GRAD_REPLICA", step, rank)
+        if extra is None:
             return
-    # ZeRO keeps reduced gradients inside DeepSpeed's partitions, not on the parameters.
-    raise RuntimeError("SHARDTUNE_FAULT_GRAD_REPLICA: this strategy keeps no gradient on its parameters")
+        for p in params:
+            grad = p.grad
+            if grad is None:
+                continue
+            local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP2 shard
+            if local.numel():
+                local.view(-1)[0] = _value(extra)
+                return
+        # ZeRO keeps reduced gradients inside DeepSpeed's partitions, not on the parameters.
+        raise RuntimeError("SHARDTUNE_FAULT_GRAD_REPLICA: this strategy keeps no gradient on its parameters")
 
+    def maybe_stall(self, step: int, rank: int) -> None:
+        extra = self._matches("STALL", step, rank)
+        if extra is not None:
+            time.sleep(float(extra[0]) if extra else 3600.0)
 
-def maybe_stall(step: int, rank: int) -> None:
-    extra = _matches("SHARDTUNE_FAULT_STALL", step, rank)
-    if extra is not None:
-        time.sleep(float(extra[0]) if extra else 3600.0)
+    def kill_point(self, name: str, step: int) -> None:
+        if self.spec.get("SAVE") == f"{name}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
 
-
-def kill_point(name: str, step: int) -> None:
-    if os.environ.get("SHARDTUNE_FAULT_SAVE") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def signal_point(point: str, rank: int, step: int | None = None) -> None:
-    spec = os.environ.get("SHARDTUNE_FAULT_SIGNAL")
-    if not spec:
-        return
-    step = _current_step if step is None else step
-    for item in spec.split(","):
-        parts = item.split(":")
-        if parts[:2] == [point, str(step)] and parts[2:3] in ([str(rank)], ["*"]):
-            name = parts[3] if len(parts) > 3 else "SIGUSR1"
-            # Delivered to this process as a scheduler would; the handler runs right away.
-            os.kill(os.getpid(), signal.Signals[name])
+    def signal_point(self, point: str, rank: int, step: int | None = None) -> None:
+        if "SIGNAL" not in self.spec:
             return
+        step = self.current_step if step is None else step
+        for item in self.spec["SIGNAL"].split(","):
+            parts = item.split(":")
+            if parts[:2] == [point, str(step)] and parts[2:3] in ([str(rank)], ["*"]):
+                name = parts[3] if len(parts) > 3 else "SIGUSR1"
+                # Delivered to this process as a scheduler would; the handler runs right away.
+                os.kill(os.getpid(), signal.Signals[name])
+                return
+
+
+NO_FAULTS = FaultHooks({})
+# What this process injects: read once from its environment (set by the fault tests).
+HOOKS = FaultHooks.from_environment()

@@ -79,3 +79,16 @@ def restore_scheduler(scheduler, state: dict) -> None:
     scheduler.load_state_dict(state)
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
+
+
+class SchedulerState:
+    """The scheduler as a checkpoint part: its position, with the learning rates put back on load."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        restore_scheduler(self.scheduler, state)

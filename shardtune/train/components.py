@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from shardtune.checkpoint.checkpointer import Checkpointer
+from shardtune.checkpoint.trainer_state import TrainerState, TrainProgress
 from shardtune.config import RunConfig, dump_config
 from shardtune.data.corpus import load_records, record_text
 from shardtune.data.datasets import Datasets, build_datasets
@@ -19,6 +20,7 @@ from shardtune.data.tokenizer import load_tokenizer, train_tokenizer
 from shardtune.distributed.process_group import DistContext, seed_everything
 from shardtune.distributed.strategies import Strategy, build_strategy
 from shardtune.models.loading import build_model, count_parameters
+from shardtune.optim import SchedulerState
 from shardtune.run_dirs import make_run_dir
 from shardtune.tasks import build_task
 from shardtune.train.finetune import FinetunePlan, apply_finetuning
@@ -114,23 +116,18 @@ def tensorboard_hint(log_dir: Path) -> str:
     return f"tensorboard --logdir {log_dir}"
 
 
-def trainer_state(cfg: RunConfig, step: int, tokens_seen: int, loader: GlobalBatchLoader, strategy: Strategy,
-                  tracker=None) -> dict:
-    """Everything but tensors that a resume needs, as plain JSON (``tracker``: the EvalTracker,
-    whose baseline, best and patience count a resumed run continues)."""
-    import shardtune
-
-    return {
-        "step": step,
-        "tokens_seen": tokens_seen,
-        "loader": loader.state_dict(),
-        "scheduler": strategy.scheduler.state_dict(),
-        "eval": tracker.state_dict() if tracker is not None else None,
-        "config": cfg.model_dump(mode="json"),
-        "versions": {
-            "shardtune": shardtune.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        },
-    }
+def build_checkpointer(cfg: RunConfig, ctx: DistContext, parts: RunParts, progress: TrainProgress,
+                       tracker=None) -> Checkpointer:
+    """The checkpointer with every stateful part of the run (``tracker``: the EvalTracker, whose
+    baseline, best and patience count a resumed run continues)."""
+    stateful = {"loader": parts.loader, "scheduler": SchedulerState(parts.strategy.scheduler)}
+    if tracker is not None:
+        stateful["eval"] = tracker
+    return Checkpointer(
+        cfg.checkpoint, cfg.checkpoint_dir, ctx, parts.strategy,
+        TrainerState(progress, stateful, cfg.model_dump(mode="json")),
+        extras_writer=lambda directory: write_export_extras(directory, parts),
+    )
 
 
 FINETUNE_FILE = "finetune.json"

@@ -71,7 +71,6 @@ def peak_memory_mib(device: torch.device) -> float:
 class MetricsLogger:
     def __init__(
         self, log_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
-        initial: int = 0,
     ):
         self.enabled = enabled
         self.log_dir = log_dir
@@ -90,8 +89,14 @@ class MetricsLogger:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
-                total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True
+                total=total_steps, desc="train", unit="step", dynamic_ncols=True
             )
+
+    def start_at(self, step: int) -> None:
+        """A resumed run's progress bar starts where the checkpoint left off."""
+        if self.bar is not None:
+            self.bar.initial = self.bar.n = step
+            self.bar.refresh()
 
     @property
     def tensorboard_dir(self) -> Path:

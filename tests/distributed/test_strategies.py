@@ -1,7 +1,16 @@
 """Every strategy, on 2 gloo ranks, must reproduce the single-process run: the proof that the
-sharding is right, not only that it runs."""
+sharding is right, not only that it runs. ddp, fsdp and zero3 must also reproduce their golden
+losses (tests/distributed/golden/), so a refactor that changes no behaviour is proven to change none.
+
+Regenerate the golden files only on purpose, after a change that is meant to move the losses:
+``make golden`` (and say why in the commit).
+"""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 from conftest import run_shardtune
@@ -13,6 +22,25 @@ STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 # measured disagreement is ~1e-6 relative, so 1e-4 leaves margin without hiding a bug
 # (a wrong gradient scale or a dropped shard moves the second step's loss by >1e-2).
 REL_TOLERANCE = 1e-4
+GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN_STRATEGIES = ("ddp", "fsdp", "zero3")
+# The same code on the same machine class repeats its float32 arithmetic exactly; 1e-6 absorbs
+# nothing but a different BLAS build, while any change to the math moves step 2 by >1e-3.
+GOLDEN_TOLERANCE = 1e-6
+
+
+def compare_with_golden(strategy: str, losses: list[float]) -> None:
+    path = GOLDEN_DIR / f"losses-{strategy}.json"
+    if os.environ.get("SHARDTUNE_WRITE_GOLDEN") == "1":
+        GOLDEN_DIR.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"config": "tests/configs/tiny.yaml", "nproc": 2, "strategy": strategy,
+                                    "losses": losses}, indent=1) + "\n")
+        return
+    golden = json.loads(path.read_text())["losses"]
+    assert len(losses) == len(golden), (len(losses), len(golden))
+    for step, (got, want) in enumerate(zip(losses, golden, strict=True), start=1):
+        assert got == pytest.approx(want, rel=GOLDEN_TOLERANCE, abs=GOLDEN_TOLERANCE), (
+            f"{strategy} step {step}: {got!r} vs golden {want!r} ({path})")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -21,6 +49,8 @@ def test_two_ranks_match_single_process(strategy, tmp_path, single_process_refer
     losses = run.train_losses()
     reference = single_process_reference.train_losses()
     assert len(losses) == len(reference) == 8
+    if strategy in GOLDEN_STRATEGIES:
+        compare_with_golden(strategy, losses)
     for step, (got, want) in enumerate(zip(losses, reference, strict=True), start=1):
         assert got == pytest.approx(want, rel=REL_TOLERANCE), f"step {step}: {got} vs {want}"
     # And it learns: the last steps are clearly below the first.
