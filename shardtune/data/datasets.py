@@ -39,7 +39,7 @@ def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
     if cfg.task == "preference":
         from shardtune.data.preference_source import preference_datasets
 
-        return preference_datasets(cfg, tokenizer)
+        return Datasets(**preference_datasets(cfg, tokenizer))
     if cfg.task == "classification":
         if cfg.data.mixture:
             raise DataError("data.mixture mixes causal-LM datasets; task=classification takes one dataset")

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from shardtune.data.records import BadRecord, Record, RecordRules, clean_text
+from shardtune.data.records import PARSERS, BadRecord, Record, RecordRules, clean_text
 
 PAIR_KEYS = ("chosen", "preferred_output", "rating")
 
@@ -142,6 +142,9 @@ def parse_preference(obj: dict[str, Any], location: str, rules: RecordRules) -> 
         raise BadRecord("identical_responses", "chosen and rejected are the same text")
     return PreferenceRecord("preference", location, messages=messages, prompt=prompt,
                             chosen=chosen, rejected=rejected)
+
+
+PARSERS["preference"] = parse_preference  # records.parse_record dispatches here
 
 
 # --------------------------------------------------------------------------------------

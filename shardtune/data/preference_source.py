@@ -116,8 +116,7 @@ class PreferenceEpoch:
 
 
 def preference_datasets(cfg, tokenizer):
-    """``task: preference``: the splits of a prepared pair directory as ``Datasets``."""
-    from shardtune.data.datasets import Datasets
+    """``task: preference``: the splits of a prepared pair directory (``Datasets`` fields)."""
     from shardtune.data.shards import PreparedSource
     from shardtune.data.tokenizer import tokenizer_fingerprint
     from shardtune.errors import DataError
@@ -148,7 +147,8 @@ def preference_datasets(cfg, tokenizer):
     pairs_fingerprint = f"{read_manifest(data.prepared_dir)['fingerprint']}:seq_len={data.seq_len}"
     summary = {"source": f"prepared preference pairs ({data.prepared_dir})", "fingerprint": pairs_fingerprint,
                "splits": {name: s.stats() for name, s in splits.items()}}
-    return Datasets(splits["train"], splits["validation"], splits.get("test"), summary=summary)
+    return {"train": splits["train"], "validation": splits["validation"], "test": splits.get("test"),
+            "summary": summary}
 
 
 def _has(prepared_dir, split: str) -> bool:

@@ -14,6 +14,7 @@ from itertools import islice
 
 import numpy as np
 
+from shardtune.data import preference  # noqa: F401  registers the preference parser in a spawned worker
 from shardtune.data.encoder import DocumentEncoder
 from shardtune.data.records import BadRecord, Record, RecordRules, parse_record
 

@@ -32,6 +32,9 @@ import numpy as np
 from shardtune.errors import DataError
 
 FORMATS = ("chat", "prompt_completion", "text", "labelled", "preference")
+# Formats parsed by a module built on this one, which registers its parser when imported
+# (data/preference.py: "preference"), so this module never imports it back.
+PARSERS: dict[str, Any] = {}
 
 
 class BadRecord(Exception):
@@ -287,10 +290,8 @@ def parse_record(obj: dict[str, Any], location: str, rules: RecordRules) -> Reco
 
 def _parse_record(obj: dict[str, Any], location: str, rules: RecordRules) -> Record:
     kind = rules.format if rules.format != "auto" else detect_format(obj)
-    if kind == "preference":
-        from shardtune.data.preference import parse_preference  # it builds on this module
-
-        return parse_preference(obj, location, rules)
+    if kind in PARSERS:
+        return PARSERS[kind](obj, location, rules)
     if kind == "chat":
         return Record("chat", location, messages=_parse_messages(obj, rules))
     if kind == "prompt_completion":

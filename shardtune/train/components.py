@@ -21,6 +21,7 @@ from shardtune.distributed.process_group import DistContext, seed_everything
 from shardtune.distributed.strategies import Strategy, build_strategy
 from shardtune.models.loading import build_model, count_parameters
 from shardtune.optim import SchedulerState
+from shardtune.preference import reference_tables
 from shardtune.run_dirs import make_run_dir
 from shardtune.tasks import build_task
 from shardtune.train.finetune import FinetunePlan, apply_finetuning
@@ -39,6 +40,7 @@ class RunParts:
     task: object = None  # tasks.CausalLMTask | tasks.ClassificationTask
     data: Datasets | None = None
     plan: FinetunePlan | None = None
+    reference: object = None  # preference.ReferenceTables of a preference run
 
 
 def prepare_tokenizer(cfg: RunConfig, ctx: DistContext):
@@ -106,7 +108,8 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
         total_steps=total_steps,
         num_params=num_params,
         model_config=model_config,
-        task=build_task(cfg, data.num_labels),
+        task=(task := build_task(cfg, data.num_labels)),
+        reference=reference_tables(task, data),
         data=data,
         plan=plan,
     )
@@ -123,6 +126,8 @@ def build_checkpointer(cfg: RunConfig, ctx: DistContext, parts: RunParts, progre
     stateful = {"loader": parts.loader, "scheduler": SchedulerState(parts.strategy.scheduler)}
     if tracker is not None:
         stateful["eval"] = tracker
+    if parts.reference is not None:
+        stateful["reference"] = parts.reference  # the reference log-probs, next to the data cursor
     return Checkpointer(
         cfg.checkpoint, cfg.checkpoint_dir, ctx, parts.strategy,
         TrainerState(progress, stateful, cfg.model_dump(mode="json")),

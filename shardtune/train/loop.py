@@ -23,6 +23,7 @@ from shardtune.distributed.process_group import init_distributed, shutdown
 from shardtune.distributed.watchdog import explain_collective_failure
 from shardtune.errors import NonFiniteLossError, Preempted
 from shardtune.eval.tracker import EvalTracker
+from shardtune.preference import ensure_reference
 from shardtune.train.components import build_checkpointer, build_run, tensorboard_hint
 from shardtune.train.metrics import MetricsLogger, flops_per_token, peak_flops_per_rank, peak_memory_mib
 from shardtune.train.signals import StopRequest
@@ -92,6 +93,7 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
     progress = TrainProgress()
     checkpointer = build_checkpointer(cfg, ctx, parts, progress, tracker)
     resume_path = checkpointer.resume()
+    reference_note = ensure_reference(parts, ctx, resumed=resume_path is not None)  # preference runs
     if tracker.best_step is not None and cfg.eval.save_best:
         checkpointer.pinned = {tracker.best_step}  # retention must still keep the best
     start_step = progress.step
@@ -104,6 +106,8 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
     )
     throughput = Throughput(cfg, parts, ctx.device)
     log.message(_start_line(cfg, ctx, parts, resume_path, start_step))
+    if reference_note:
+        log.message(reference_note)
     result.val_before = tracker.evaluate_baseline(start_step)["loss"]
     result.baseline = _scalars(tracker.baseline)
 
