@@ -274,6 +274,9 @@ class DistributedSection(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     init_timeout_s: float = Field(1800.0, gt=0)
     collective_timeout_s: float = Field(600.0, gt=0)
+    # Under an MPI launcher without MASTER_ADDR: the interface whose IPv4 address rank 0 offers
+    # (e.g. ib0); None = the one its routes to the other nodes use (distributed/mpi_rendezvous.py).
+    rendezvous_interface: str | None = None
     fsdp: FSDPSection = FSDPSection()
     # Raw DeepSpeed keys merged over the generated config (zero strategies only).
     deepspeed: dict[str, Any] = Field(default_factory=dict)

@@ -17,6 +17,11 @@ def add_parser(sub) -> None:
                    help="restart all of this node's workers up to N times after a failure")
     p.add_argument("--rdzv-id", help="job id shared by all nodes of one run (multi-node)")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
+    p.add_argument("--mpirun", action="store_true",
+                   help="start the ranks with Open MPI's mpirun (--nproc per host) instead of torchrun")
+    p.add_argument("--hosts", help="--mpirun: comma-separated hosts (default: this machine)")
+    p.add_argument("--mpirun-args", default="", help="--mpirun: extra mpirun options, e.g. "
+                   "--mpirun-args='--mca btl_tcp_if_include eth0'")
 
 
 def run(args, extra, parser) -> int:
@@ -25,6 +30,15 @@ def run(args, extra, parser) -> int:
     from shardtune.launch.local import run_torchrun, torchrun_command, torchrun_environment
 
     config_path, overrides, _ = load_run_config(args, extra, parser)
+    if args.mpirun:
+        from shardtune.launch.mpi import mpirun_command, run_mpirun
+
+        hosts = [h for h in (args.hosts or "").split(",") if h] or None
+        cmd = mpirun_command(config_path, overrides, nproc=args.nproc, hosts=hosts, mpirun_args=args.mpirun_args)
+        if args.dry_run:
+            print(shlex.join(cmd))
+            return 0
+        return run_mpirun(cmd)
     cmd = torchrun_command(
         config_path, overrides, nproc=args.nproc, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master, master_port=args.port,

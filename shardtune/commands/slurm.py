@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p_submit.add_argument("--gpus-per-node", type=int, required=True, help="0 on CPU-only nodes")
     p_submit.add_argument("--ranks-per-node", type=int, help="default: one per GPU (1 without GPUs)")
     p_submit.add_argument("--launcher", choices=sorted(LAUNCHERS), default="torchrun",
-                          help="torchrun: one task per node running torchrun; srun: one task per rank")
+                          help="torchrun: one task per node running torchrun; srun: one task per rank; "
+                          "mpi: one srun --mpi=pmix task per rank, mpi4py rendezvous")
     p_submit.add_argument("--partition")
     p_submit.add_argument("--account")
     p_submit.add_argument("--time", help="wall-clock limit, e.g. 24:00:00")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_PORT = 29500
 
@@ -24,6 +24,9 @@ class ProcessEnvironment:
     node_rank: int
     master_addr: str
     master_port: int
+    # "env": the fields above are final. "mpi": an MPI launcher left out the address (or the
+    # local ranks); distributed/mpi_rendezvous.py finds them with mpi4py before the group starts.
+    rendezvous: str = "env"
 
 
 def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int:
@@ -63,25 +66,32 @@ def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[node_id]
 
 
-def _mpi_master_addr(env: Mapping[str, str], local_size_var: str, world_size: int, launcher: str) -> str:
-    """MPI launchers pass no rendezvous address: take it from the user, or derive a safe one.
+def _mpi_master_addr(env: Mapping[str, str], local_size_var: str, world_size: int) -> str | None:
+    """MPI launchers pass no rendezvous address: the user's, one that is safe to derive, or None
+    (the MPI rendezvous picks one).
 
     Not the first address of ``hostname -I`` (DeepSpeed's guess): on multi-homed nodes that is
     often an interface the other nodes cannot reach. Where the launcher does not say how many
-    ranks share this node, the ranks are assumed to be local.
+    ranks share this node, the communicator has to tell (None).
     """
     if env.get("MASTER_ADDR"):
         return env["MASTER_ADDR"]
-    local_world = _int(env, local_size_var, default=world_size)
-    if local_world >= world_size:
+    if local_size_var not in env:
+        return None
+    if _int(env, local_size_var) >= world_size:
         return "127.0.0.1"  # every rank is on this machine
     if env.get("SLURM_JOB_NODELIST"):
         # mpirun inside a SLURM allocation places rank 0 on the allocation's first node.
         return first_slurm_host(env["SLURM_JOB_NODELIST"])
-    raise ValueError(
-        f"{launcher} started ranks on several nodes but MASTER_ADDR is not set: export it to "
-        "the address of rank 0's node, e.g. mpirun -x MASTER_ADDR=node0 -x MASTER_PORT=29500 ..."
-    )
+    return None
+
+
+def _rendezvous(env: Mapping[str, str], found: ProcessEnvironment, complete: bool) -> ProcessEnvironment:
+    """``found`` as is, or marked for the mpi4py rendezvous: when an MPI launcher left something
+    out, or when SHARDTUNE_RENDEZVOUS=mpi asks for it (``shardtune slurm submit --launcher mpi``)."""
+    if complete and env.get("SHARDTUNE_RENDEZVOUS", "env") != "mpi":
+        return found
+    return replace(found, rendezvous="mpi")
 
 
 def detect_environment(env: Mapping[str, str] | None = None) -> ProcessEnvironment:
@@ -105,16 +115,17 @@ def detect_environment(env: Mapping[str, str] | None = None) -> ProcessEnvironme
         local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=1)
         rank = _int(env, "OMPI_COMM_WORLD_RANK")
         world_size = _int(env, "OMPI_COMM_WORLD_SIZE")
-        return ProcessEnvironment(
+        addr = _mpi_master_addr(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world_size)
+        return _rendezvous(env, ProcessEnvironment(
             kind="openmpi",
             rank=rank,
             world_size=world_size,
             local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
             local_world_size=local_world,
             node_rank=_int(env, "OMPI_COMM_WORLD_NODE_RANK", default=rank // max(1, local_world)),
-            master_addr=_mpi_master_addr(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world_size, "mpirun"),
+            master_addr=addr or "",
             master_port=port,
-        )
+        ), complete=addr is not None and "OMPI_COMM_WORLD_LOCAL_RANK" in env)
 
     # Under srun, Open MPI's variables are absent (OMPI_COMM_WORLD_RANK is unset even with
     # --mpi=pmix): SLURM's own describe the rank. The batch script itself also carries
@@ -126,7 +137,7 @@ def detect_environment(env: Mapping[str, str] | None = None) -> ProcessEnvironme
             local_world = slurm_tasks_on_node(env["SLURM_TASKS_PER_NODE"], node_rank)
         else:
             local_world = _int(env, "SLURM_NTASKS_PER_NODE", default=1)
-        return ProcessEnvironment(
+        return _rendezvous(env, ProcessEnvironment(
             kind="slurm",
             rank=_int(env, "SLURM_PROCID"),
             world_size=_int(env, "SLURM_NTASKS"),
@@ -135,23 +146,25 @@ def detect_environment(env: Mapping[str, str] | None = None) -> ProcessEnvironme
             node_rank=node_rank,
             master_addr=env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=port,
-        )
+        ), complete=True)
 
     if "PMIX_RANK" in env or "PMI_RANK" in env:
         local_size_var = "MPI_LOCALNRANKS" if "MPI_LOCALNRANKS" in env else "PMI_LOCAL_SIZE"
         local_world = _int(env, local_size_var, default=1)
         rank = _int(env, "PMIX_RANK", "PMI_RANK")
         world_size = _int(env, "PMI_SIZE", "PMIX_SIZE")
-        return ProcessEnvironment(
+        addr = _mpi_master_addr(env, local_size_var, world_size)
+        local_known = local_size_var in env and ("MPI_LOCALRANKID" in env or "PMI_LOCAL_RANK" in env)
+        return _rendezvous(env, ProcessEnvironment(
             kind="pmix",
             rank=rank,
             world_size=world_size,
             local_rank=_int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK", default=0),
             local_world_size=local_world,
             node_rank=rank // max(1, local_world),
-            master_addr=_mpi_master_addr(env, local_size_var, world_size, "the MPI launcher"),
+            master_addr=addr or "",
             master_port=port,
-        )
+        ), complete=addr is not None and local_known)
 
     return ProcessEnvironment(
         kind="single", rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,

@@ -49,13 +49,21 @@ def _threads_per_rank(env: ProcessEnvironment) -> int:
     return max(1, (cores or 1) // max(1, env.local_world_size))
 
 
-def init_distributed(init_timeout_s: float, collective_timeout_s: float) -> DistContext:
+def init_distributed(init_timeout_s: float, collective_timeout_s: float,
+                     rendezvous_interface: str | None = None) -> DistContext:
     """Join (or, for a lone process, create) the default process group.
 
     Init gets a long timeout because the first rank may wait for slow nodes to start; every
     later collective gets ``collective_timeout_s`` so a stalled rank becomes an error, not a hang.
+    ``rendezvous_interface``: under an MPI launcher without MASTER_ADDR, rank 0's interface to offer.
     """
     env = detect_environment()
+    if env.rendezvous == "mpi":
+        # Imported here only: a single-process or torchrun run never needs mpi4py.
+        from shardtune.distributed.mpi_rendezvous import REACH_TIMEOUT_S, mpi_rendezvous
+
+        env = mpi_rendezvous(env, rendezvous_interface, min(init_timeout_s, REACH_TIMEOUT_S))
+        os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     os.environ.setdefault("MASTER_ADDR", env.master_addr)

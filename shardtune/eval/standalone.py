@@ -55,7 +55,8 @@ def evaluate_model_dir(model_dir: Path, cfg: RunConfig, split: str) -> dict:
     from shardtune.eval.evaluate import evaluate
     from shardtune.tasks import build_task
 
-    ctx = init_distributed(cfg.distributed.init_timeout_s, cfg.distributed.collective_timeout_s)
+    ctx = init_distributed(cfg.distributed.init_timeout_s, cfg.distributed.collective_timeout_s,
+                           cfg.distributed.rendezvous_interface)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if tokenizer.pad_token is None:

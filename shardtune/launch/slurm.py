@@ -26,6 +26,7 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
 LAUNCHERS = {
     "torchrun": "torchrun.sbatch",  # one task per node running torchrun, c10d rendezvous
     "srun": "srun.sbatch",  # one task per rank, process group from SLURM variables
+    "mpi": "mpi.sbatch",  # one srun --mpi=pmix task per rank, address from the mpi4py rendezvous
 }
 # `shardtune sweep --slurm`: one array task per grid combination.
 ARRAY_TEMPLATE = "sweep-array.sbatch"

@@ -57,7 +57,8 @@ class TrainResult:
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    ctx = init_distributed(cfg.distributed.init_timeout_s, cfg.distributed.collective_timeout_s)
+    ctx = init_distributed(cfg.distributed.init_timeout_s, cfg.distributed.collective_timeout_s,
+                           cfg.distributed.rendezvous_interface)
     clean = False
     try:
         with ExitStack() as cleanup:
