@@ -42,3 +42,29 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def read_json_object(path: Path, error: type[Exception], what: str = "file") -> dict:
+    """The one way shardtune reads a JSON file it did not just write (checkpoint state, RNG
+    streams, manifests, run results): strict UTF-8, a JSON object, or ``error`` naming the file.
+
+    JSON can hold no code, so a pickle (or anything else) put where a JSON file belongs is
+    refused here, with the file named, instead of surfacing as a UnicodeDecodeError deep
+    inside whichever command read it.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: {what} missing") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: {what} is not JSON (not UTF-8 text: byte {exc.start} is {raw[exc.start]:#04x})") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: {what} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: {what} is not a JSON object but a {type(value).__name__}")
+    return value

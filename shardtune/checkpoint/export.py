@@ -2,46 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
-from shardtune.checkpoint.manifest import read_manifest
-from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner
+from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner, check_checkpoint
 from shardtune.errors import CheckpointError
+from shardtune.integrity import read_json_object
 
 
 def load_logical_tensors(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """Full (unsharded) tensors whose key starts with ``prefix``, in this one process."""
-    manifest = read_manifest(path)
-    wanted = {k: v for k, v in manifest["tensors"].items() if k.startswith(prefix)}
+    checked = check_checkpoint(path, checksums=False)  # the callers verified the hashes
+    wanted = {k: v for k, v in checked.manifest["tensors"].items() if k.startswith(prefix)}
     if not wanted:
         raise CheckpointError(f"{path}: no tensors under {prefix!r}")
-    dtypes = _saved_dtypes(path)
+    dtypes = {key: meta.properties.dtype for key, meta in checked.metadata.state_dict_metadata.items()}
     flat = {k: torch.empty(shape, dtype=dtypes.get(k, torch.float32)) for k, shape in wanted.items()}
     # DCP flattens nested dicts with '.', and so do we: load into the flat keys directly.
     dcp.load(flat, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyLoadPlanner(), no_dist=True)
     return {k[len(prefix):]: v for k, v in flat.items()}
 
 
-def _saved_dtypes(path: Path) -> dict[str, torch.dtype]:
-    from shardtune.checkpoint.safe_io import safe_load_metadata
-
-    metadata = safe_load_metadata((path / ".metadata").read_bytes())
-    return {
-        key: meta.properties.dtype
-        for key, meta in metadata.state_dict_metadata.items()
-        if hasattr(meta, "properties")
-    }
-
-
 def read_finetune_metadata(path: Path) -> dict:
     """finetune.json of a checkpoint (task, labels, LoRA settings); causal-LM full fine-tuning if absent."""
     meta_file = path / "finetune.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_json_object(meta_file, CheckpointError, "checkpoint file") if meta_file.is_file() else {}
     return {"task": "causal_lm", "strategy": "full", "lora": None, "label_names": None, **meta}
 
 
@@ -57,7 +45,7 @@ def export_hf(path: Path, out: Path, dtype: str = "float32", adapters_only: bool
         raise CheckpointError(f"{path}: no model_config.json; cannot rebuild the model for export")
     meta = read_finetune_metadata(path)
     auto = AutoModelForSequenceClassification if meta["task"] == "classification" else AutoModelForCausalLM
-    config_dict = json.loads(config_file.read_text())
+    config_dict = read_json_object(config_file, CheckpointError, "checkpoint file")
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     config.use_cache = True  # training disabled it for packed sequences; generation wants it

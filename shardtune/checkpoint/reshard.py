@@ -22,8 +22,13 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from shardtune.checkpoint.manifest import MANIFEST, describe_files, read_manifest, verify_checkpoint
-from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner, safe_load_metadata
+from shardtune.checkpoint.manifest import MANIFEST, describe_files, read_manifest
+from shardtune.checkpoint.safe_io import (
+    SafeFileSystemReader,
+    TensorOnlyLoadPlanner,
+    check_checkpoint,
+    safe_load_metadata,
+)
 from shardtune.errors import CheckpointError
 from shardtune.integrity import fsync_path, write_json_atomic
 
@@ -51,7 +56,7 @@ def _worker(rank: int, world: int, port: int, source: str, tmp: str) -> None:
 
 
 def reshard(source: Path, out: Path, world_size: int) -> Path:
-    manifest = verify_checkpoint(source, checksums=True)
+    manifest = check_checkpoint(source, checksums=True).manifest
     if out.exists():
         raise CheckpointError(f"{out} exists; choose a new directory")
     tmp = out.with_name(f".tmp-{out.name}")

@@ -22,17 +22,19 @@ def add_parser(sub) -> None:
 
 def run(args, extra, parser) -> int:
     from shardtune.checkpoint.export import export_hf
-    from shardtune.checkpoint.manifest import resolve_checkpoint, verify_checkpoint
+    from shardtune.checkpoint.manifest import resolve_checkpoint
+    from shardtune.checkpoint.safe_io import check_checkpoint
     from shardtune.eval.standalone import config_for, evaluate_model_dir
 
     path = Path(args.path)
     overrides = [*args.overrides, *extra]
     is_hf = (path / "config.json").is_file()
     checkpoint = None if is_hf else resolve_checkpoint(path)
+    if checkpoint is not None:  # before its trainer state is read for the config
+        check_checkpoint(checkpoint, checksums=True)
     cfg = config_for(checkpoint or path, args.config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is not None:
-            verify_checkpoint(checkpoint, checksums=True)
             model_dir = export_hf(checkpoint, Path(tmp) / "hf", adapters_only=False)
         else:
             model_dir = path

@@ -24,14 +24,13 @@ alike, instead of a numpy error or a silently different token stream.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from shardtune.data.packing import PackedEpoch, TokenizedCorpus
 from shardtune.errors import ShardError
-from shardtune.integrity import sha256_file
+from shardtune.integrity import read_json_object, sha256_file
 from shardtune.run_dirs import make_run_dir
 
 MANIFEST = "manifest.json"
@@ -109,7 +108,7 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path} not found: run `shardtune data prepare` to create {prepared_dir}")
-    manifest = json.loads(path.read_text())
+    manifest = read_json_object(path, ShardError, "data manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ShardError(
             f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
