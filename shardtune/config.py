@@ -107,8 +107,8 @@ class PrepareSection(_Section):
     max_tokens: int | None = Field(None, ge=2)
     # Characters per record and per message after normalisation (too_long drops). auto: 32 x
     # data.seq_len, at least 8192 (docs/data.md); null: no limit.
-    max_chars: int | Literal["auto"] | None = Field("auto", ge=1)
-    max_message_chars: int | Literal["auto"] | None = Field("auto", ge=1)
+    max_chars: int | Literal["auto"] | None = "auto"
+    max_message_chars: int | Literal["auto"] | None = "auto"
     overlong: Literal["drop", "truncate"] = "drop"
     near_dedup: bool = True
     near_dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # estimated Jaccard of word 5-grams
@@ -126,6 +126,13 @@ class PrepareSection(_Section):
     # Hugging Face dataset inputs: shardtune field <- dataset column, e.g. {messages: conversations}.
     columns: dict[str, str] = Field(default_factory=dict)
     hf: HFInputSection = HFInputSection()
+
+    @field_validator("max_chars", "max_message_chars")
+    @classmethod
+    def _positive_limit(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto, or null for no limit)")
+        return value
 
 
 class MixtureSourceSection(_Section):
@@ -405,7 +412,12 @@ class EvalSection(_Section):
     # Evaluate the validation split every n optimizer steps (plus before step 1 and at the
     # end). None = only before and after training.
     every: int | None = Field(None, ge=1)
-    batches: int | None = Field(None, ge=1)  # cap per evaluation (default train.eval_batches / all)
+    batches: int | None = Field(None, ge=1)  # cap per validation evaluation (default train.eval_batches / all)
+    test_batches: int | None = Field(None, ge=1)  # cap on the test evaluation (default: the whole split)
+    # Where evaluations run. train is for data without a validation split, and says so in the report.
+    split: Literal["validation", "train"] = "validation"
+    # classification: fit TF-IDF + logistic regression on the training split as a reference row.
+    classical: bool = True
     # The metric that decides "best" and early stopping. auto: loss for causal_lm, f1_macro
     # for classification. Any logged val/* metric name works (accuracy, perplexity, ...).
     metric: str = "auto"
@@ -545,9 +557,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
-    """Load a YAML config (or the embedded demo default when ``path`` is None)."""
+def _budget_from_command_line(data: dict[str, Any], overrides: list[str]) -> None:
+    """An override of train.epochs replaces the file's max_steps (and the other way round).
+
+    Otherwise ``sweep --grid train.epochs=1,3`` on a config with ``max_steps: 40`` stops every
+    run at step 40. Setting both on the command line keeps both (epochs, capped by max_steps).
+    """
+    given = {o.split("=", 1)[0] for o in overrides}
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return
+    for key, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
+        if f"train.{key}" in given and f"train.{other}" not in given and train.get(key) is not None:
+            train.pop(other, None)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = (), *,
+                source: str | None = None) -> RunConfig:
+    """Load a YAML config (or the embedded demo default when ``path`` is None).
+
+    ``source`` names the config in error messages when ``path`` is not what the user gave
+    (a config recovered from a checkpoint into a temporary file).
+    """
     if path is None:
+        source = source or "(no config file given: the built-in demo config with the command-line overrides)"
         path = default_config_path()
     path = Path(path)
     if not path.is_file():
@@ -559,10 +592,11 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     data = apply_overrides(data, list(overrides))
+    _budget_from_command_line(data, list(overrides))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from None
+        raise ConfigError(_format_errors(exc, source or str(path))) from None
 
 
 def default_config_path() -> Path:

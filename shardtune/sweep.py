@@ -165,6 +165,9 @@ def collect_row(name: str, combo: list[str], run_dir: Path, returncode: int | No
         row["result"] = json.loads(result_file.read_text())
         if returncode != 0:  # e.g. gloo's sporadic abort at exit after a finished run
             row["status"] = "ok" if returncode is None else f"ok (exit {returncode} after writing results)"
+    classical = run_dir / "classical.json"  # classification: the TF-IDF + logistic regression reference
+    if classical.is_file():
+        row["classical"] = json.loads(classical.read_text())
     return row
 
 
@@ -197,10 +200,17 @@ def write_tables(sweep_dir: Path, rows: list[dict], task: str) -> None:
         writer = csv.DictWriter(fh, fieldnames=header)
         writer.writeheader()
         writer.writerows(table)
-    (sweep_dir / "sweep.md").write_text(markdown_table(table, keys))
+    classical = next((row["classical"] for row in rows if row.get("classical")), None)
+    (sweep_dir / "sweep.md").write_text(markdown_table(table, keys, classical))
+    from shardtune.eval.report import plot_sweep
+
+    main = keys[0]
+    baseline = next((t[f"baseline_val_{main}"] for t in table if t[f"baseline_val_{main}"] is not None), None)
+    plot_sweep(sweep_dir / "sweep.png", [(t["run"], t[f"best_val_{main}"], t[f"test_{main}"]) for t in table],
+               main, baseline, classical)
 
 
-def markdown_table(table: list[dict], keys: list[str]) -> str:
+def markdown_table(table: list[dict], keys: list[str], classical: dict | None = None) -> str:
     def f(v):
         return "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
@@ -216,6 +226,11 @@ def markdown_table(table: list[dict], keys: list[str]) -> str:
         for k in keys:
             cells += [f(base_row[f"baseline_val_{k}"]), "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    if classical:  # the same data for every run: one reference row
+        cells = [f"**{classical.get('name', 'classical')}** (C={classical.get('C')})", "–", "–", "–", "–"]
+        for k in keys:
+            cells += [f((classical.get("validation") or {}).get(k)), f((classical.get("test") or {}).get(k))]
+        lines.append("| " + " | ".join(cells) + " |")
     for t in table:
         params = t["trainable_params"]
         share = f"{params:,} ({100 * params / max(1, t['total_params']):.2f}%)" if params else "–"
@@ -230,4 +245,7 @@ def markdown_table(table: list[dict], keys: list[str]) -> str:
             "loading.\nBaseline: the pre-trained model before any update (for classification, its new head is "
             "random), evaluated on the same validation split by each run. `val (best)`: the best "
             "validation evaluation; `test`: the test split, evaluated once with that best checkpoint.\n")
-    return "\n".join(lines) + "\n" + note
+    if classical:
+        note += ("Classical reference: fitted on the same training split, scored on the same validation "
+                 "and test splits (docs/data.md).\n")
+    return "\n".join(lines) + "\n" + note + "\n![sweep.png](sweep.png)\n"

@@ -11,8 +11,13 @@ def add_parser(sub) -> None:
 
 
 def run(args, extra, parser) -> int:
+    _, _, cfg = load_run_config(args, extra, parser)
+    from shardtune.distributed.environment import detect_environment
+    from shardtune.distributed.quiet import quiet_other_ranks
+
+    # Before the imports that warn: only rank 0 prints library warnings and load reports.
+    quiet_other_ranks(detect_environment().rank, cfg.output_dir / "logs")
     from shardtune.train.loop import train
 
-    _, _, cfg = load_run_config(args, extra, parser)
     train(cfg)
     return 0

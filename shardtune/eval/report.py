@@ -8,6 +8,7 @@ Plots are PNGs drawn with matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -30,11 +31,14 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def metrics_table(result: dict, keys: list[str]) -> str:
+def metrics_table(result: dict, keys: list[str], classical: dict | None = None) -> str:
     rows = [("baseline (step 0, before fine-tuning)", result.get("baseline")),
             (f"best validation (step {result.get('best_step')})", result.get("best")),
             (f"final validation (step {result.get('steps')})", result.get("final")),
             ("test (best checkpoint)", result.get("test"))]
+    if classical:
+        name = classical.get("name", "classical reference")
+        rows += [(f"{name}, validation", classical.get("validation")), (f"{name}, test", classical.get("test"))]
     lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, m in rows:
         if m:
@@ -45,53 +49,167 @@ def metrics_table(result: dict, keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(run_dir: Path, records: list[dict], keys: list[str]) -> list[str]:
+def wants_log_axis(values: list[float]) -> bool:
+    """Log scale when positive values span more than an order of magnitude (perplexity from a
+    baseline of 40,000 down to 5 is a flat line at zero on a linear axis)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 10
+
+
+def loss_labels(config: dict) -> tuple[str, str]:
+    """What each loss curve includes: training adds label smoothing, evaluation never does."""
+    smoothing = float((config.get("finetune") or {}).get("label_smoothing") or 0.0)
+    train = f"train loss (cross-entropy with label smoothing {smoothing:g})" if smoothing else "train loss (cross-entropy)"
+    return train, "validation loss (cross-entropy, no smoothing)"
+
+
+def loss_figure(records: list[dict], config: dict):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
     train = [r for r in records if r["kind"] == "train" and "loss" in r]
     val = [r for r in records if r["kind"] == "val"]
     baseline = next((r for r in records if r["kind"] == "baseline"), None)
+    train_label, val_label = loss_labels(config)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.7)
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=train_label, alpha=0.7)
     if val:
-        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label=val_label)
     if baseline:
-        ax.axhline(baseline["loss"], color="grey", ls="--", label="baseline (validation)")
+        ax.axhline(baseline["loss"], color="grey", ls="--", label="baseline (validation, step 0)")
+    values = [r["loss"] for r in train + val] + ([baseline["loss"]] if baseline else [])
+    if wants_log_axis(values):
+        ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_title("Loss")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=110)
-    plt.close(fig)
-    written.append("loss.png")
+    return fig
+
+
+def metrics_figure(records: list[dict], keys: list[str]):
+    """Validation metrics per evaluation; None when there are none besides the loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    val = [r for r in records if r["kind"] == "val"]
+    baseline = next((r for r in records if r["kind"] == "baseline"), None)
     shown = [k for k in keys if k != "loss" and any(k in r for r in val)]
     # Scores in [0, 1] share one axis; perplexity (unbounded) gets its own.
     panels = [[k for k in shown if k != "perplexity"]] + ([["perplexity"]] if "perplexity" in shown else [])
     panels = [p for p in panels if p]
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
-        for ax, panel in zip(axes[0], panels, strict=True):
-            for key in panel:
-                points = [r for r in val if key in r]  # exact match may be generated at some evaluations only
-                line, = ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=f"val {key}")
-                if baseline and key in baseline:
-                    ax.axhline(baseline[key], color=line.get_color(), ls=":", alpha=0.8)
-            ax.set_xlabel("optimizer step")
-            ax.set_title("Validation metrics (dotted: baseline)")
-            ax.legend()
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run_dir / "metrics.png", dpi=110)
-        plt.close(fig)
-        written.append("metrics.png")
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        values = []
+        for key in panel:
+            points = [r for r in val if key in r]  # exact match may be generated at some evaluations only
+            line, = ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=f"val {key}")
+            values += [r[key] for r in points]
+            if baseline and key in baseline:
+                ax.axhline(baseline[key], color=line.get_color(), ls=":", alpha=0.8)
+                values.append(baseline[key])
+        if wants_log_axis(values):
+            ax.set_yscale("log")
+            ax.set_ylabel("log scale")
+        ax.set_xlabel("optimizer step")
+        ax.set_title("Validation metrics (dotted: baseline)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(run_dir: Path, records: list[dict], keys: list[str], config: dict | None = None) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, fig in (("loss.png", loss_figure(records, config or {})), ("metrics.png", metrics_figure(records, keys))):
+        if fig is not None:
+            fig.savefig(run_dir / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
     return written
+
+
+def plot_sweep(path: Path, runs: list[tuple[str, float | None, float | None]], key: str,
+               baseline: float | None, classical: dict | None) -> None:
+    """One bar pair per run (best validation, test ``key``); baseline and classical reference as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(runs) + 2), 4))
+    x = np.arange(len(runs))
+    nan = float("nan")
+    ax.bar(x - 0.2, [v if v is not None else nan for _, v, _ in runs], 0.4, label=f"best validation {key}")
+    ax.bar(x + 0.2, [t if t is not None else nan for _, _, t in runs], 0.4, label=f"test {key}")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", label=f"baseline (step 0) {baseline:.4f}")
+    if classical:
+        for split, style in (("validation", ":"), ("test", "-.")):
+            value = (classical.get(split) or {}).get(key)
+            if value is not None:
+                ax.axhline(value, color="black", ls=style, label=f"{classical.get('name', 'classical')} "
+                                                                 f"({split}) {value:.4f}")
+    ax.set_xticks(x, [name for name, _, _ in runs], rotation=20, ha="right")
+    ax.set_ylabel(key)
+    ax.set_title(f"Sweep: {key} per run")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def classical_verdict(result: dict, classical: dict | None, metric: str) -> str | None:
+    """One sentence: did fine-tuning beat the classical reference on the test split (else validation)?"""
+    if not classical:
+        return None
+    for split, ours in (("test", result.get("test")), ("validation", result.get("best") or result.get("final"))):
+        theirs = (classical.get(split) or {}).get(metric)
+        mine = (ours or {}).get(metric)
+        if theirs is not None and mine is not None:
+            lower = metric in ("loss", "perplexity")
+            won = mine < theirs if lower else mine > theirs
+            return (f"Fine-tuning {'beat' if won else 'did not beat'} the classical reference "
+                    f"({classical.get('name')}, C={classical.get('C')}, fitted on the same training split) on "
+                    f"{split} {metric}: {mine:.4f} vs {theirs:.4f}.")
+    return None
+
+
+def warnings_section(summary: dict, records: list[dict]) -> list[str]:
+    """Truncations that change what the metrics mean, with their counts."""
+    lines = []
+    truncated = summary.get("truncated")  # classification: texts cut to data.seq_len, per split
+    if truncated and any(truncated.values()):
+        lines.append(f"- Texts truncated to data.seq_len={summary.get('seq_len')}: "
+                     + ", ".join(f"{split} {n}" for split, n in truncated.items()) + ".")
+    packing = summary.get("packing") or {}
+    if packing.get("truncated_documents"):
+        lines.append(f"- Training documents truncated to data.seq_len by whole_documents packing: "
+                     f"{packing['truncated_documents']} ({packing.get('truncated_targets', 0)} loss tokens cut).")
+    for r in records:
+        if r.get("kind") != "truncation":
+            continue
+        if r.get("documents_over_seq_len"):
+            lines.append(f"- {r['split']} documents longer than data.seq_len={r['seq_len']}: "
+                         f"{r['documents_over_seq_len']} of {r['documents']} (cut across sequences or truncated).")
+        if r.get("answers_over_max_new_tokens"):
+            lines.append(f"- {r['split']} reference answers longer than eval.generate.max_new_tokens="
+                         f"{r['max_new_tokens']}: {r['answers_over_max_new_tokens']} of {r['samples']} sampled; "
+                         "they cannot be matched exactly.")
+    return ["", "## Warnings", "", *lines] if lines else []
 
 
 def _data_section(summary: dict) -> list[str]:
@@ -106,9 +224,6 @@ def _data_section(summary: dict) -> list[str]:
     for split, info in summary.get("splits", {}).items():
         counts = info.get("label_counts")
         lines.append(f"| {split} | {info.get('documents')} |" + (f" {counts} |" if labels else ""))
-    truncated = summary.get("truncated")
-    if truncated and any(truncated.values()):
-        lines.append(f"\nTexts truncated to the sequence length: {truncated}.")
     return lines
 
 
@@ -141,7 +256,9 @@ def write_report(run_dir: str | Path) -> Path:
     if "exact_match" in (result.get("baseline") or result.get("final") or {}):
         keys.append("exact_match")
     records = read_metrics(run_dir)
-    plots = plot_curves(run_dir, records, keys)
+    plots = plot_curves(run_dir, records, keys, config)
+    classical_file = run_dir / "classical.json"
+    classical = json.loads(classical_file.read_text()) if classical_file.is_file() else None
     ft = config.get("finetune", {})
     model = config.get("model", {}).get("name_or_path") or f"a {config.get('model', {}).get('config', {}).get('model_type', '?')} built from its config"
     objective = (f"Fine-tune {model} for **{task.replace('_', ' ')}** with the **{ft.get('strategy', 'full')}** "
@@ -150,12 +267,15 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [
         f"# Run report: {config.get('run', {}).get('name', run_dir.name)}", "",
         "## Objective", "", objective, "",
-        "## Result", "", metrics_table(result, keys), "",
+        "## Result", "", metrics_table(result, keys, classical), "",
         f"Trainable parameters: {result.get('trainable_params', 0):,} of {result.get('total_params', 0):,} "
         f"({100 * result.get('trainable_params', 0) / max(1, result.get('total_params', 1)):.2f}%). "
         f"Steps: {result.get('steps')} ({result.get('stopped_reason')}); wall time "
         f"{result.get('wall_seconds', float('nan')):.1f} s; {result.get('tokens_per_s', 0):,.0f} tokens/s.",
     ]
+    verdict = classical_verdict(result, classical, result.get("eval_metric") or keys[0])
+    if verdict:
+        lines.append(verdict)
     if result.get("best_checkpoint"):
         lines.append(f"Best checkpoint: `{result['best_checkpoint']}`.")
     test_conf = (result.get("test") or {}).get("confusion")
@@ -163,6 +283,7 @@ def write_report(run_dir: str | Path) -> Path:
         from shardtune.eval.metrics import confusion_markdown
 
         lines += ["", "Test confusion matrix (best checkpoint):", "", confusion_markdown(test_conf, summary["labels"])]
+    lines += warnings_section(summary, records)
     lines += _generations_section(records)
     lines += ["", "## Curves", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Data", ""] + _data_section(summary)

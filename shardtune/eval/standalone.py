@@ -43,7 +43,7 @@ def config_for(path: Path, config: str | None, overrides: list[str]) -> RunConfi
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         yaml.safe_dump(json.loads(state_file.read_text())["config"], fh)
-    return load_config(fh.name, overrides)
+    return load_config(fh.name, overrides, source=f"{state_file} (the config saved with the checkpoint)")
 
 
 def evaluate_model_dir(model_dir: Path, cfg: RunConfig, split: str) -> dict:

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+from shardtune.errors import DataError
 from shardtune.eval.evaluate import evaluate, preserved_rng, scalars
 from shardtune.eval.generate import evaluate_generation, generation_samples
 from shardtune.eval.metrics import confusion_markdown
+from shardtune.eval.truncation import truncation_record, warning_lines
 
 # Early-stopping state kept in checkpoints (trainer_state.json, key "eval"): a resumed run
 # continues the patience count and keeps its baseline and best instead of starting afresh.
@@ -33,14 +36,18 @@ class EvalTracker:
         self.cfg, self.ctx, self.strategy, self.log = cfg, ctx, strategy, log
         self.task = parts.task
         self.label_names = parts.data.label_names if parts.data else None
-        self.val_source = parts.val_source
-        self.val = parts.val_source.epoch(0)
+        self.data = parts.data
+        self.val_source = _evaluation_source(cfg, parts)
+        self.val = self.val_source.epoch(0)
         self.test_source = parts.data.test if parts.data else None
         self.metric, self.mode = cfg.eval_metric, cfg.eval_mode
         self.kwargs = dict(
             micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank, world_size=ctx.world_size,
             max_batches=cfg.eval.batches or cfg.train.eval_batches, label_names=self.label_names,
         )
+        # The test split is evaluated once, at the end: all of it unless eval.test_batches says otherwise.
+        self.test_kwargs = dict(self.kwargs, max_batches=cfg.eval.test_batches)
+        self._noted: set[str] = set()  # splits whose truncation counts were logged
         self.baseline: dict | None = None
         self.latest: dict | None = None
         self.best: dict | None = None
@@ -77,7 +84,7 @@ class EvalTracker:
 
     def run(self, sequences, split: str = "validation", source=None, generate: bool = False) -> dict:
         start = time.perf_counter()
-        metrics = evaluate(self.strategy, self.task, sequences, **self.kwargs)
+        metrics = evaluate(self.strategy, self.task, sequences, **(self.test_kwargs if split == "test" else self.kwargs))
         if generate and self.gen.samples:
             if split not in self._samples:
                 max_prompt = max(1, self.cfg.data.seq_len - self.gen.max_new_tokens)
@@ -89,8 +96,41 @@ class EvalTracker:
                     max_new_tokens=self.gen.max_new_tokens, rank=self.ctx.rank,
                     world_size=self.ctx.world_size, examples=self.gen.examples,
                 ))
+        if split not in self._noted:
+            self._noted.add(split)
+            self._note_truncation(split, source if source is not None else self.val_source)
         self.seconds += time.perf_counter() - start
         return metrics
+
+    def _note_truncation(self, split: str, source) -> None:
+        """Rank 0: count documents longer than seq_len and answers longer than max_new_tokens; warn, log."""
+        if not self.ctx.is_main:
+            return
+        eos = {self.tokenizer.eos_token_id} if getattr(self.tokenizer, "eos_token_id", None) is not None else set()
+        record = truncation_record(split, source, self.cfg.data.seq_len, self._samples.get(split),
+                                   self.gen.max_new_tokens, eos)
+        if record is None:
+            return
+        for line in warning_lines(split, record):
+            print(f"shardtune: warning: {line}", file=sys.stderr, flush=True)
+        self.log.log(self.last_step or 0, record, kind="truncation", extra={"split": split})
+
+    def classical_reference(self) -> None:
+        """classification: TF-IDF + logistic regression on the same splits (rank 0), to classical.json."""
+        if self.cfg.task != "classification" or not self.cfg.eval.classical or not self.ctx.is_main:
+            return
+        path = self.cfg.output_dir / "classical.json"
+        if path.is_file() or self.data is None:  # a resumed run has it already
+            return
+        from shardtune.eval.classical import classical_reference
+
+        splits = {"validation": self.val_source.examples}
+        if self.test_source is not None:
+            splits["test"] = self.test_source.examples
+        reference = classical_reference(self.data.train.examples, splits, self.tokenizer, self.label_names)
+        path.write_text(json.dumps(reference, indent=1) + "\n")
+        for split in splits:
+            self.log.log(0, scalars(reference[split]), kind=f"classical_{split}")
 
     def _generate_at(self, step: int) -> bool:
         return bool(self.gen.samples) and (self.gen.every_eval or step in (0, self.total_steps))
@@ -113,6 +153,8 @@ class EvalTracker:
         has its baseline already and skips this; an older checkpoint evaluates without one."""
         if step > 0 and self.baseline is not None:
             return self.baseline
+        if step == 0:
+            self.classical_reference()  # before the baseline: the others wait in its collectives
         metrics = self.evaluate(step, track=False)
         if step == 0:
             self.baseline = scalars(metrics)
@@ -171,6 +213,27 @@ class EvalTracker:
             if m:
                 lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "–" for k in keys) + " |")
         self.log.text("summary", "\n".join(lines), step)
+
+
+def _evaluation_source(cfg, parts):
+    """The split evaluations run on: validation, or (eval.split=train, said in the report) training data.
+
+    Data without a validation split used to be evaluated on its training split in silence.
+    """
+    if cfg.eval.split == "train":
+        train = parts.train_source
+        examples = getattr(train, "examples", None)
+        if examples is not None:  # classification: the rows in file order, like a validation split
+            return type(train)(examples, train.seed, shuffle=False)
+        return train
+    splits = (parts.data.summary.get("splits") if parts.data else None) or {}
+    if splits and not (splits.get("validation") or {}).get("documents"):
+        raise DataError(
+            "the data has no validation split, so there is nothing to evaluate on: give it one "
+            "(data.validation_fraction, or data.prepare.splits.validation when preparing), or set "
+            "eval.split=train to evaluate on the training data (the report says so)"
+        )
+    return parts.val_source
 
 
 def _plain(metrics: dict) -> dict:

@@ -30,7 +30,7 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     cmd = [sys.executable, "-m", "shardtune", "sweep", str(TINY_CLASSIFY),
            "--grid", "finetune.strategy=frozen_head,lora", "--out", str(out),
-           "train.max_steps=4", "eval.every=2"]
+           "train.max_steps=4", "eval.every=2", "eval.batches=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -52,6 +52,24 @@ def test_sweep_writes_markdown_and_csv_tables(sweep):
     md = (sweep / "sweep.md").read_text()
     assert "**baseline**" in md and "strategy-frozen_head" in md and "strategy-lora" in md
     assert md.count("\n|") >= 4  # header, rule, baseline row, two runs
+
+
+@pytest.mark.distributed  # the sweep runs `shardtune launch` (torchrun)
+def test_runs_carry_a_classical_reference_and_test_the_whole_test_split(sweep):
+    run_dir = sweep / "strategy-lora"
+    result = json.loads((run_dir / "result.json").read_text())
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    # eval.batches=1 caps validation (one micro-batch of 4 on one rank), not the test split.
+    assert result["best"]["examples"] == 4
+    assert result["test"]["examples"] == summary["splits"]["test"]["documents"] > 4
+    classical = json.loads((run_dir / "classical.json").read_text())
+    assert classical["test"]["examples"] == summary["splits"]["test"]["documents"]
+    assert classical["validation"]["examples"] == summary["splits"]["validation"]["documents"]
+    report = (run_dir / "report.md").read_text()
+    assert "| TF-IDF + logistic regression, test |" in report and "the classical reference" in report
+    md = (sweep / "sweep.md").read_text()
+    assert "**TF-IDF + logistic regression**" in md
+    assert (sweep / "sweep.png").read_bytes().startswith(PNG_MAGIC)
 
 
 @pytest.mark.distributed  # the sweep runs `shardtune launch` (torchrun)
