@@ -42,7 +42,7 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 # per rank at 16); the data cursor and the global token-mean loss make every world size
 # take the same optimisation steps.
 COMMON = ["train.global_batch_size=16", "train.micro_batch_size=1", "train.warmup_steps=2",
-          "metrics.tensorboard=false"]
+          "metrics.trackers=[jsonl]"]
 SAVE_STEP, TOTAL_STEPS = 5, 10
 # Same bound as tests/test_checkpoint.py: reductions in another order agree to ~1e-7.
 RESHARD_REL_TOLERANCE = 1e-5

@@ -87,8 +87,9 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
     # (the checkpointer's final commit) that its peers will never join.
     cleanup.callback(loader.close)
     stop_request = StopRequest(cfg.checkpoint.save_on_signal)
-    log = MetricsLogger(cfg.output_dir, enabled=ctx.is_main, tensorboard=cfg.metrics.tensorboard,
-                        progress=cfg.metrics.progress_bar, total_steps=parts.total_steps)
+    log = MetricsLogger(cfg.output_dir, enabled=ctx.is_main, trackers=cfg.metrics.trackers,
+                        progress=cfg.metrics.progress_bar, total_steps=parts.total_steps,
+                        run_name=cfg.run.name, config=cfg.model_dump(mode="json"))
     cleanup.callback(log.close)
     tracker = EvalTracker(cfg, ctx, strategy, parts, log)
     progress = TrainProgress()
@@ -160,7 +161,7 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
     result.tokens_per_s = throughput.overall(eval_seconds=tracker.seconds)
     _finish(cfg, result, tracker, checkpointer, stop_request)
     result.wall_seconds = throughput.wall_seconds()
-    log.close()
+    log.close(asdict(result))
     if ctx.is_main:
         (cfg.output_dir / "result.json").write_text(json.dumps(asdict(result), indent=1))
         _write_report(cfg.output_dir)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from shardtune.eval.trackers import ExternalTrackers, check_installed
+
 # Dense bf16 peak per GPU (FLOP/s) for MFU on known accelerators.
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -70,17 +72,22 @@ def peak_memory_mib(device: torch.device) -> float:
 
 class MetricsLogger:
     def __init__(
-        self, log_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
+        self, log_dir: Path, enabled: bool, trackers: list[str], progress: bool, total_steps: int,
+        run_name: str = "run", config: dict | None = None,
     ):
         self.enabled = enabled
         self.log_dir = log_dir
         self.writer = None
         self.jsonl = None
         self.bar = None
+        self.external = None  # W&B / MLflow (eval/trackers.py)
+        check_installed(trackers)  # on every rank: a missing extra stops them all alike, at once
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
+        if {"wandb", "mlflow"} & set(trackers):
+            self.external = ExternalTrackers(trackers, log_dir, run_name, config or {})
+        if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
@@ -97,6 +104,8 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.initial = self.bar.n = step
             self.bar.refresh()
+        if self.external is not None:
+            self.external.start(resumed=step > 0)
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -112,6 +121,8 @@ class MetricsLogger:
                 self.writer.add_scalar(f"{kind}/{key}", value, step)
         self.jsonl.write(json.dumps({"kind": kind, "step": step, **scalars, **(extra or {})}) + "\n")
         self.jsonl.flush()
+        if self.external is not None:
+            self.external.log(step, {f"{kind}/{key}": value for key, value in scalars.items()})
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled and self.writer is not None:
@@ -131,7 +142,12 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
-    def close(self) -> None:
+    def close(self, result: dict | None = None) -> None:
+        """``result``: the finished run's result.json, recorded by the external trackers (a close
+        without it, after a failure, marks their runs failed). A second close changes nothing."""
+        if self.external is not None:
+            external, self.external = self.external, None
+            external.finish(result)
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

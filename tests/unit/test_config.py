@@ -38,12 +38,12 @@ def test_shipped_configs_cover_cpu_and_gpu_scales():
 
 def test_overrides_are_coerced_to_field_types(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL), [
-        "train.lr=3e-4", "train.max_steps=7", "metrics.tensorboard=false",
+        "train.lr=3e-4", "train.max_steps=7", "metrics.progress_bar=false",
         "train.betas=[0.8, 0.9]", "distributed.strategy=zero3", "model.config.hidden_size=32",
     ])
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.train.max_steps == 7
-    assert cfg.metrics.tensorboard is False
+    assert cfg.metrics.progress_bar is False
     assert cfg.train.betas == (0.8, 0.9)
     assert cfg.distributed.strategy == "zero3"
     assert cfg.model.config["hidden_size"] == 32
