@@ -15,6 +15,15 @@ zero3      (2 + 2 + 12)/N + live gathered        (4 + 4 + 12)/N + live gathered
 =========  ====================================  ===============================
 
 With CPU offload the fp32 master and the moments (the 12/N) move to host memory.
+
+Host memory per rank while the model loads (``host_load_bytes``): ddp, zero1 and zero2 build
+the whole fp32 model on the host before moving it (4 bytes per parameter; the safetensors
+files are memory-mapped, so a node's ranks share one page-cache copy of the checkpoint).
+fsdp and zero3 build on ``meta`` and read only their own shards: on a GPU each shard passes
+through a host buffer one tensor at a time (the largest tensor / N); on CPU the shards stay
+(4/N per parameter). A model from a config also replays its largest module's initialisation
+in full on the host (the embedding). Python, torch and CUDA themselves (~1-3 GiB) are not
+counted.
 Activations: per layer and token, the tensors a Llama-style block saves for backward
 (about 6h + 2·kv + 4·I values); a checkpointed block keeps only its input, plus one block's
 full set while it is recomputed. ``selective`` checkpoints every n-th block (blocks 0, n,
@@ -111,6 +120,16 @@ def state_bytes(strategy: str, params: int, ranks: int, bf16: bool, offload: boo
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+def host_load_bytes(strategy: str, arch: Architecture, ranks: int, on_gpu: bool = True,
+                    pretrained: bool = True) -> float:
+    """Peak host bytes per rank while the model loads (see the module docstring)."""
+    if strategy.removesuffix("+offload") in ("ddp", "zero1", "zero2"):
+        return 4.0 * arch.params
+    largest = 4.0 * max(arch.vocab * arch.hidden, arch.hidden * arch.intermediate)
+    kept = largest / ranks if on_gpu else 4.0 * arch.params / ranks
+    return kept + (0.0 if pretrained else largest)
+
+
 def block_activation_values(arch: Architecture) -> int:
     """Values per token one Llama-style block keeps for backward when not checkpointed."""
     return 6 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate
@@ -150,7 +169,7 @@ def estimate(arch: Architecture, strategy: str, ranks: int, micro_batch: int, se
 
 def plan_table(arch: Architecture, ranks: int, seq_len: int, gpu_memory_gib: float, bf16: bool,
                checkpointing: bool | str, micro_batches=(1, 2, 4, 8, 16),
-               every: int = 2) -> tuple[list[dict], dict | None]:
+               every: int = 2, on_gpu: bool = True, pretrained: bool = True) -> tuple[list[dict], dict | None]:
     """Rows for every strategy (and offload variant), and the recommendation.
 
     Recommendation: the option that fits with 10% headroom and the largest micro-batch,
@@ -168,6 +187,7 @@ def plan_table(arch: Architecture, ranks: int, seq_len: int, gpu_memory_gib: flo
         e1 = estimate(arch, strategy, ranks, 1, seq_len, bf16, checkpointing, offload, every)
         no_ckpt = estimate(arch, strategy, ranks, 1, seq_len, bf16, False, offload)
         row = {
+            "host_load": host_load_bytes(strategy, arch, ranks, on_gpu, pretrained) / GIB,
             "strategy": strategy + ("+offload" if offload else ""),
             "weights": e1.params_gib, "grads": e1.grads_gib, "optimizer": e1.optimizer_gib,
             "buffers": e1.buffers_gib, "activations_mb1": e1.activations_gib,
@@ -182,14 +202,14 @@ def plan_table(arch: Architecture, ranks: int, seq_len: int, gpu_memory_gib: flo
 
 def format_table(rows: list[dict], best: dict | None, header: str, policy: str = "ckpt") -> str:
     lines = [header, "",
-             f"| strategy | weights | grads | optimizer | buffers | activations/seq ({policy} / none) | total @ mb=1 | max micro-batch |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| strategy | weights | grads | optimizer | buffers | activations/seq ({policy} / none) | total @ mb=1 | max micro-batch | host (load) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **←**" if best is r else ""
         lines.append(
             f"| {r['strategy']}{mark} | {r['weights']:.1f} | {r['grads']:.1f} | {r['optimizer']:.1f} | "
             f"{r['buffers']:.1f} | {r['activations_mb1']:.1f} / {r['activations_mb1_no_ckpt']:.1f} | "
-            f"{r['total_mb1']:.1f} | {r['max_micro_batch'] or 'does not fit'} |"
+            f"{r['total_mb1']:.1f} | {r['max_micro_batch'] or 'does not fit'} | {r['host_load']:.1f} |"
         )
     lines.append("")
     lines.append("GiB per rank. " + (
@@ -237,8 +257,9 @@ def run_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory: str, bf16: bool | 
     ranks = nodes * gpus_per_node
     use_bf16 = cfg.distributed.precision != "fp32" if bf16 is None else bf16
     policy, every = cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
+    pretrained = cfg.model.name_or_path is not None
     rows, best = plan_table(arch, ranks, cfg.data.seq_len, parse_memory(gpu_memory), use_bf16,
-                            policy, every=every)
+                            policy, every=every, pretrained=pretrained)
     described = {"none": "off", "full": "on (every block)",
                  "selective": f"selective ({checkpointed_blocks(arch.layers, policy, every)} of {arch.layers} blocks)"}
     header = (
@@ -246,7 +267,16 @@ def run_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory: str, bf16: bool | 
         f"{nodes} node(s) x {gpus_per_node} GPU(s) = {ranks} ranks of {parse_memory(gpu_memory):.0f} GiB, "
         f"seq {cfg.data.seq_len}, {'bf16' if use_bf16 else 'fp32'}, activation checkpointing {described[policy]}"
     )
-    return format_table(rows, best, header, {"none": "none", "full": "ckpt", "selective": "selective"}[policy])
+    table = format_table(rows, best, header, {"none": "none", "full": "ckpt", "selective": "selective"}[policy])
+    return table + "\n" + host_line(rows, gpus_per_node)
+
+
+def host_line(rows: list[dict], ranks_per_node: int) -> str:
+    """The loading host memory per rank and per node, for each strategy."""
+    by = {r["strategy"]: r["host_load"] for r in rows if not r["strategy"].endswith("+offload")}
+    parts = [f"{name} {gib:.1f} GiB/rank ({gib * ranks_per_node:.1f} GiB/node)" for name, gib in by.items()]
+    return ("Host memory while loading: " + ", ".join(parts)
+            + ". fsdp/zero3 build on meta and read only their shards; ddp/zero1/zero2 build the fp32 model whole.")
 
 
 def live_tensor_bytes() -> int:

@@ -19,7 +19,8 @@ from shardtune.data.loader import GlobalBatchLoader
 from shardtune.data.tokenizer import load_tokenizer, train_tokenizer
 from shardtune.distributed.process_group import DistContext, seed_everything
 from shardtune.distributed.strategies import Strategy, build_strategy
-from shardtune.models.loading import build_model, count_parameters
+from shardtune.models.loading import count_parameters
+from shardtune.models.sharded_load import peak_host_memory_mib
 from shardtune.optim import SchedulerState
 from shardtune.preference import reference_tables
 from shardtune.run_dirs import make_run_dir
@@ -41,6 +42,7 @@ class RunParts:
     data: Datasets | None = None
     plan: FinetunePlan | None = None
     reference: object = None  # preference.ReferenceTables of a preference run
+    peak_host_memory_mib: float = math.nan  # after loading, max over ranks
 
 
 def prepare_tokenizer(cfg: RunConfig, ctx: DistContext):
@@ -89,15 +91,17 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
     strategy = build_strategy(cfg, ctx)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
-    model = build_model(
-        cfg.model, tokenizer, task=cfg.task, label_names=data.label_names, dropout=cfg.finetune.dropout
-    )
+    # Full on every rank (ddp, zero1/2), or on meta for fsdp/zero3, which load only their shards in setup.
+    model = strategy.build_model(tokenizer, data.label_names)
     model_config = model.config
     # The one place the fine-tuning strategy is applied: before any parallel wrapping.
     model, plan = apply_finetuning(model, cfg.finetune, cfg.train.lr)
     num_params, _ = count_parameters(model)  # before sharding hides the full shapes
     strategy.lr_scales = plan.lr_scales
     strategy.setup(model, total_steps)
+    # The loading peak (VmHWM), the largest rank's: what ``shardtune plan``'s host line predicts.
+    peak_host = torch.tensor([peak_host_memory_mib()], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(peak_host, op=dist.ReduceOp.MAX)
     seed_everything(cfg.run.seed, ctx.rank)
     return RunParts(
         tokenizer=tokenizer,
@@ -112,6 +116,7 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
         reference=reference_tables(task, data),
         data=data,
         plan=plan,
+        peak_host_memory_mib=float(peak_host),
     )
 
 

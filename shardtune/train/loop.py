@@ -54,6 +54,7 @@ class TrainResult:
     best_step: int | None = None
     best_checkpoint: str | None = None
     test: dict | None = None  # test split, evaluated once with the best checkpoint
+    peak_host_memory_mib: float = math.nan  # host RSS peak after the model loaded, largest rank
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -105,7 +106,9 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
         finetune=cfg.finetune.strategy, total_params=parts.plan.total_params,
         trainable_params=parts.plan.trainable_params, eval_metric=cfg.eval_metric,
         resumed_from=str(resume_path) if resume_path else None,
+        peak_host_memory_mib=parts.peak_host_memory_mib,
     )
+    log.log(start_step, {"peak_host_memory_mib": parts.peak_host_memory_mib}, kind="load")  # once
     throughput = Throughput(cfg, parts, ctx.device)
     log.message(_start_line(cfg, ctx, parts, resume_path, start_step))
     if reference_note:
