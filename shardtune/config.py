@@ -395,7 +395,8 @@ class FinetuneSection(_Section):
 
 
 class GenerateSection(_Section):
-    """Greedy generation on a sample of prompts, scored by normalised exact match (causal LM)."""
+    """Greedy generation on a sample of prompts, scored by normalised exact match, token F1
+    (SQuAD-style) and ROUGE-L (causal LM); any of the three can be eval.metric."""
 
     # Prompts per evaluation (taken evenly across the split; 0 = no generation). A prompt is
     # a document up to its last target span (the final assistant turn, or the completion).
@@ -457,8 +458,10 @@ class RunConfig(_Section):
             raise ValueError("eval.patience (early stopping) needs eval.every")
         if self.eval.generate.samples and self.task != "causal_lm":
             raise ValueError("eval.generate (exact match of generated answers) needs task=causal_lm")
-        if self.eval_metric == "exact_match" and not (self.eval.generate.samples and self.eval.generate.every_eval):
-            raise ValueError("eval.metric=exact_match needs eval.generate.samples > 0 and eval.generate.every_eval")
+        generated = ("exact_match", "token_f1", "rouge_l")  # scores of generated answers
+        if self.eval_metric in generated and not (self.eval.generate.samples and self.eval.generate.every_eval):
+            raise ValueError(f"eval.metric={self.eval_metric} needs eval.generate.samples > 0 and "
+                             "eval.generate.every_eval")
         return self
 
     @property

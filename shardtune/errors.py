@@ -50,6 +50,10 @@ class MissingExtraError(ShardtuneError, ImportError):
     """The config asks for an optional package (an extra such as shardtune[wandb]) that is not installed."""
 
 
+class ModelImportError(ShardtuneError, ValueError):
+    """A model file that cannot be imported (a missing, truncated or corrupt GGUF); the message names it."""
+
+
 class RendezvousError(ShardtuneError, RuntimeError):
     """Ranks could not meet: the message names each rank and host that cannot reach rank 0's address."""
 
@@ -70,6 +74,7 @@ EXIT_CODES: list[tuple[type[ShardtuneError], int, str, str]] = [
     (UnsafeCheckpointError, 4, "checkpoint error: ", ""),
     (CollectiveTimeoutError, 5, "", ""),
     (MissingExtraError, 2, "", ""),
+    (ModelImportError, 2, "model error: ", ""),
     (RendezvousError, 5, "rendezvous failed: ", ""),
     (Preempted, PREEMPTED_EXIT_CODE, "", "; rerun the same command to resume"),
 ]

@@ -4,4 +4,4 @@ Commands raise ``shardtune.errors.ShardtuneError`` subclasses; ``cli.main`` turn
 and the exit code from ``errors.EXIT_CODES``.
 """
 
-VERBS = ("train", "launch", "slurm", "plan", "ckpt", "sweep", "eval", "report", "config", "data", "compare")
+VERBS = ("train", "launch", "slurm", "plan", "ckpt", "sweep", "eval", "report", "config", "data", "model", "compare", "generate")

@@ -1,4 +1,4 @@
-"""Exact match of generated answers: greedy decoding on a sample of prompts, on every rank.
+"""Scores of generated answers (exact match, token F1, ROUGE-L): greedy decoding on a sample of prompts, on every rank.
 
 Generation is sharded, not gathered: each rank decodes its share of the prompts with the
 model as the strategy holds it (DDP replica, FSDP2 shards, ZeRO-3 partitions). Gathering
@@ -13,7 +13,8 @@ ran out decodes a dummy prompt it does not count. Counts are all-reduced at the 
 A prompt is a document of the split up to the start of its last target span (for chat
 data, the final assistant turn; for prompt/completion, the completion); the reference
 answer is that span, decoded without special tokens. Generated tokens count up to the first
-EOS. Both are compared after ``normalize_answer``.
+EOS. Both are compared after ``normalize_answer`` (exact match), and as word lists
+(``answer_tokens``) by token F1 and ROUGE-L, which give partial credit.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from shardtune.eval.metrics import GENERATION_METRICS, rouge_l, token_f1
 
 _EDGE = string.punctuation + string.whitespace
 
@@ -40,6 +43,24 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def answer_tokens(text: str) -> list[str]:
+    """Words for token F1 / ROUGE-L, as SQuAD's scorer splits them: the normalised answer
+    without punctuation and without English articles."""
+    words = normalize_answer(text).translate(_PUNCTUATION).split()
+    return [w for w in words if w not in _ARTICLES]
+
+
+def answer_scores(prediction: str, reference: str) -> dict[str, float]:
+    """Every generated-answer metric of one answer (``metrics.GENERATION_METRICS``)."""
+    pred, ref = answer_tokens(prediction), answer_tokens(reference)
+    return {"exact_match": float(exact_match(prediction, reference)), "token_f1": token_f1(pred, ref),
+            "rouge_l": rouge_l(pred, ref)}
 
 
 @dataclass(frozen=True)
@@ -160,7 +181,8 @@ def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 
 def evaluate_generation(runner, tokenizer, samples: list[Sample], *, micro_batch_size: int,
                         max_new_tokens: int, rank: int, world_size: int, examples: int = 0) -> dict:
-    """``exact_match`` over ``samples`` (identical on every rank) and rank 0's first ``examples``."""
+    """``exact_match``, ``token_f1`` and ``rouge_l`` over ``samples`` (identical on every rank),
+    and rank 0's first ``examples``."""
     mine = samples[rank::world_size]
     batches = generate_batches(len(samples), micro_batch_size, world_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -173,17 +195,20 @@ def evaluate_generation(runner, tokenizer, samples: list[Sample], *, micro_batch
                                     pad_id=pad_id)
     finally:
         runner.train(was_training)
-    correct, shown = 0, []
+    sums, shown = dict.fromkeys(GENERATION_METRICS, 0.0), []
     for sample, tokens in zip(mine, generated, strict=True):
         answer = tokenizer.decode(cut_at_eos(tokens, eos_ids), skip_special_tokens=True)
         reference = tokenizer.decode(sample.answer, skip_special_tokens=True)
-        hit = exact_match(answer, reference)
-        correct += hit
+        scores = answer_scores(answer, reference)
+        for key, value in scores.items():
+            sums[key] += value
         if len(shown) < examples:
             shown.append({"prompt": tokenizer.decode(sample.prompt, skip_special_tokens=True)[-200:],
-                          "reference": reference.strip(), "generated": answer.strip(), "match": hit})
-    counts = torch.tensor([float(correct), float(len(mine))], dtype=torch.float64, device=runner.ctx.device)
+                          "reference": reference.strip(), "generated": answer.strip(),
+                          "match": bool(scores["exact_match"])})
+    counts = torch.tensor([*(sums[k] for k in GENERATION_METRICS), float(len(mine))], dtype=torch.float64,
+                          device=runner.ctx.device)
     dist.all_reduce(counts)
-    total = counts[1].item()
-    return {"exact_match": counts[0].item() / total if total else float("nan"),
-            "generated": int(total), "generations": shown}
+    total = counts[-1].item()
+    out = {k: counts[i].item() / total if total else float("nan") for i, k in enumerate(GENERATION_METRICS)}
+    return {**out, "generated": int(total), "generations": shown}

@@ -61,3 +61,47 @@ def confusion_markdown(confusion, label_names: list[str]) -> str:
     for name, row in zip(label_names, c, strict=True):
         lines.append(f"| **{name}** | " + " | ".join(str(int(v)) for v in row) + " |")
     return "\n".join(lines)
+
+
+# ---- generated answers vs references (strings already normalised by eval.generate) --------
+
+GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l")
+
+
+def token_f1(prediction_tokens: list[str], reference_tokens: list[str]) -> float:
+    """SQuAD's token F1: the bag-of-tokens overlap (with multiplicity) as an F1 score.
+
+    Two empty answers agree (1.0); an empty answer against a non-empty one scores 0.
+    """
+    if not prediction_tokens or not reference_tokens:
+        return float(prediction_tokens == reference_tokens)
+    from collections import Counter
+
+    common = sum((Counter(prediction_tokens) & Counter(reference_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(prediction_tokens), common / len(reference_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (one row of the DP table at a time)."""
+    if len(b) > len(a):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction_tokens: list[str], reference_tokens: list[str]) -> float:
+    """ROUGE-L F1 (beta = 1): precision and recall of the longest common subsequence of tokens."""
+    if not prediction_tokens or not reference_tokens:
+        return float(prediction_tokens == reference_tokens)
+    lcs = lcs_length(prediction_tokens, reference_tokens)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(prediction_tokens), lcs / len(reference_tokens)
+    return 2 * precision * recall / (precision + recall)

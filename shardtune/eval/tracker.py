@@ -188,6 +188,10 @@ class EvalTracker:
             return not math.isnan(value)
         best = self.best[self.metric]
         delta = self.cfg.eval.min_delta
+        if value == best and self.metric != "loss" and "loss" in metrics and "loss" in self.best:
+            # Generated-answer scores over a few dozen prompts tie often (1.0 and 1.0): the
+            # checkpoint with the lower validation loss is the better one then.
+            return metrics["loss"] < self.best["loss"]
         return value < best - delta if self.mode == "min" else value > best + delta
 
     def _agree(self, improved: bool, stop: bool) -> tuple[bool, bool]:
@@ -206,7 +210,8 @@ class EvalTracker:
         """A baseline / best / final / test table as TensorBoard text."""
         rows = [("baseline (step 0)", self.baseline), (f"best (step {self.best_step})", self.best),
                 (f"final (step {self.last_step})", self.latest), ("test (best checkpoint)", test)]
-        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "f1_macro",
+        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "token_f1", "rouge_l",
+                            "accuracy", "f1_macro",
                             "precision_macro", "recall_macro") if self.latest and k in self.latest]
         lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for name, m in rows:
@@ -230,7 +235,7 @@ def _evaluation_source(cfg, parts):
     if splits and not (splits.get("validation") or {}).get("documents"):
         raise DataError(
             "the data has no validation split, so there is nothing to evaluate on: give it one "
-            "(data.validation_fraction, or data.prepare.splits.validation when preparing), or set "
+            "(data.prepare.splits.validation), or set "
             "eval.split=train to evaluate on the training data (the report says so)"
         )
     return parts.val_source

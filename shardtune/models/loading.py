@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from shardtune.config import ModelSection
-from shardtune.data.tokenizer import resolve_model_path
+from shardtune.config import ModelSection, TokenizerSection
+from shardtune.data.tokenizer import load_tokenizer, resolve_model_path
+from shardtune.models.gguf import is_gguf, resolve_gguf
 
 # Config attributes that hold a dropout probability, across model families.
 DROPOUT_KEYS = (
@@ -22,6 +23,20 @@ def override_dropout(config, rate: float) -> list[str]:
     for key in changed:
         setattr(config, key, rate)
     return changed
+
+
+def resolve_pretrained(spec: str | None) -> str | None:
+    """Where a ``name_or_path`` loads from: a ``.gguf`` file (or ``pkg:`` spec naming one)
+    becomes its imported safetensors directory (imported once, then cached); ``pkg:`` a
+    directory inside an installed package; anything else is returned unchanged."""
+    return resolve_gguf(spec) if is_gguf(spec) else resolve_model_path(spec)
+
+
+def load_model_tokenizer(cfg: TokenizerSection, trust_remote_code: bool, saved_dir=None):
+    """``data.tokenizer.load_tokenizer``, with ``name_or_path`` resolved as for the model."""
+    if is_gguf(cfg.name_or_path):
+        cfg = cfg.model_copy(update={"name_or_path": resolve_gguf(cfg.name_or_path)})
+    return load_tokenizer(cfg, trust_remote_code, saved_dir)
 
 
 def model_class_and_config(
@@ -40,7 +55,7 @@ def model_class_and_config(
             label2id={name: i for i, name in enumerate(label_names)},
         )
     if cfg.name_or_path is not None:
-        path = resolve_model_path(cfg.name_or_path)
+        path = resolve_pretrained(cfg.name_or_path)
         config = AutoConfig.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **task_kwargs
         )

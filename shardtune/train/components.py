@@ -19,7 +19,7 @@ from shardtune.data.loader import GlobalBatchLoader
 from shardtune.data.tokenizer import load_tokenizer, train_tokenizer
 from shardtune.distributed.process_group import DistContext, seed_everything
 from shardtune.distributed.strategies import Strategy, build_strategy
-from shardtune.models.loading import count_parameters
+from shardtune.models.loading import count_parameters, load_model_tokenizer
 from shardtune.models.sharded_load import peak_host_memory_mib
 from shardtune.optim import SchedulerState
 from shardtune.preference import reference_tables
@@ -46,8 +46,8 @@ class RunParts:
 
 
 def prepare_tokenizer(cfg: RunConfig, ctx: DistContext):
-    if cfg.tokenizer.name_or_path:
-        return load_tokenizer(cfg.tokenizer, cfg.model.trust_remote_code)
+    if cfg.tokenizer.name_or_path:  # a .gguf is imported once (file lock) and loaded from the cache
+        return load_model_tokenizer(cfg.tokenizer, cfg.model.trust_remote_code)
     saved = cfg.output_dir / "tokenizer"
     if ctx.is_main:
         texts = (record_text(r) for r in load_records(cfg.data, cfg.run.seed, cfg.task))
