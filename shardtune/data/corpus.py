@@ -138,7 +138,10 @@ def load_records(cfg: DataSection, seed: int, task: str = "causal_lm") -> list[d
                 f"data.mixture includes prepared_dir {prepared[0]}: set tokenizer.name_or_path="
                 f"{Path(prepared[0]) / 'tokenizer'} (the tokenizer the shards were prepared with)"
             )
-        return [r for m in cfg.mixture for r in read_jsonl_records(m.path)]
+        from shardtune.data.hf_source import is_hf_input, read_mixture_records
+
+        return [r for m in cfg.mixture
+                for r in (read_mixture_records(m) if is_hf_input(m.path) else read_jsonl_records(m.path))]
     if cfg.source == "synthetic":
         if task == "classification":
             from shardtune.data.labelled import generate_labelled_records

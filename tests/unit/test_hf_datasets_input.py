@@ -14,6 +14,7 @@ import pytest
 from conftest import TINY
 
 from shardtune.config import PrepareSection, load_config
+from shardtune.data.corpus import load_records
 from shardtune.data.datasets import build_datasets
 from shardtune.data.prepare import prepare_dataset
 from shardtune.data.tokenizer import train_tokenizer
@@ -197,6 +198,9 @@ def test_mixture_entry_from_a_dataset(tmp_path, tokenizer):
     assert set(by_name) == {"qa", "text.jsonl"}
     assert by_name["qa"]["documents"] + data.summary["splits"]["validation"]["documents"] >= 1
     assert len(data.train.epoch(0)) > 0
+    # Without tokenizer.name_or_path the run's tokenizer is trained on every mixed source's text.
+    texts = load_records(cfg.data, seed=0)
+    assert len(texts) == 100 and {"prompt": pairs[0]["question"], "completion": pairs[0]["answer"]} in texts
     cfg = load_config(TINY, [f"data.mixture=[{{path: {tmp_path / 'qa'}, weight: 1}}]"])
     with pytest.raises(DataError, match=r"qa\[0\]: needs string fields 'prompt' and 'completion', or 'text'"):
         build_datasets(cfg, tokenizer)
