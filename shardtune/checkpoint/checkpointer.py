@@ -20,7 +20,7 @@ import json
 import shutil
 import sys
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ from shardtune.checkpoint.manifest import (
 )
 from shardtune.checkpoint.rng import load_rng_state, rng_state
 from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner, safe_load_metadata
+from shardtune.checkpoint.staging import StagingBuffer, replica_share
 from shardtune.errors import CheckpointError
 from shardtune.integrity import fsync_path, write_json_atomic
 from shardtune.run_dirs import make_run_dir
@@ -118,6 +119,9 @@ class Checkpointer:
         # Background writes run their own collectives; on the default group they could
         # interleave with the training loop's and deadlock.
         self.io_group = dist.new_group(backend="gloo")
+        # Asynchronous saves: one staging copy reused by every save, one writer thread.
+        self._staging = StagingBuffer(pin_memory=ctx.device.type == "cuda")
+        self._writer: ThreadPoolExecutor | None = None
         self.pending = None
         self.last_blocking_s = 0.0
         self.failed_saves = 0
@@ -150,24 +154,37 @@ class Checkpointer:
         dist.barrier()
         faults.kill_point("before_staging", step)
         state = self.strategy.checkpoint_state()
+        if self.strategy.name == "ddp":
+            # Every DDP rank holds the same tensors: each stages and writes only its share, so
+            # the ranks together write (and copy) one replica, not world_size of them.
+            state = replica_share(state, self.ctx.rank, self.ctx.world_size)
         snapshot = {"trainer": trainer_state, "rng": rng_state()}
         writer = FileSystemWriter(str(tmp), sync_files=True)
         if blocking or not self.cfg.async_save:
             outcome: Future = Future()
             try:
                 faults.signal_point("save", self.ctx.rank, step)
-                dcp.save(state, storage_writer=writer, process_group=self.io_group)
-                outcome.set_result(None)
+                outcome.set_result(self._write(state, writer, tmp))
             except SAVE_ERRORS as exc:  # disk full, permissions, a peer's write error
                 outcome.set_exception(exc)
             self.pending = (outcome, step, tmp, final, snapshot)
             self.last_blocking_s = time.perf_counter() - start
             self._commit()
         else:
-            future = dcp.async_save(state, storage_writer=writer, process_group=self.io_group)
+            # The loop waits for the copy into the staging buffer only; planning, writing,
+            # fsync and checksums run on the writer thread (its collectives on io_group).
+            staged = self._staging.stage(state)
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardtune-ckpt")
+            future = self._writer.submit(self._write, staged, writer, tmp)
             faults.signal_point("save", self.ctx.rank, step)  # the writes are in flight
             self.pending = (future, step, tmp, final, snapshot)
             self.last_blocking_s = time.perf_counter() - start
+
+    def _write(self, state: dict, writer: FileSystemWriter, tmp: Path) -> dict[str, dict]:
+        """Write this rank's shards; return their sizes and sha256 for the manifest."""
+        dcp.save(state, storage_writer=writer, process_group=self.io_group)
+        return describe_files(tmp, sorted(p.name for p in tmp.glob(f"__{self.ctx.rank}_*.distcp")))
 
     def poll(self) -> None:
         """Commit the in-flight save once every rank's background write has finished."""
@@ -190,13 +207,12 @@ class Checkpointer:
         rank = self.ctx.rank
         described, error = None, None
         try:
-            future.result()  # re-raises this rank's write error
+            shards = future.result()  # re-raises this rank's write error
             rng_file = f"rng/rank-{rank:05d}.json"
             make_run_dir(tmp / "rng")
             write_json_atomic(tmp / rng_file, snapshot["rng"])
-            mine = [rng_file] + sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp"))
             faults.kill_point("after_write", step)
-            described = describe_files(tmp, mine)
+            described = {**describe_files(tmp, [rng_file]), **shards}
             faults.signal_point("commit", rank, step)
         except SAVE_ERRORS as exc:
             error = f"rank {rank}: {_describe_error(exc)}"
@@ -317,6 +333,10 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._staging.release()
 
 
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointInfo", "check_compatible"]
