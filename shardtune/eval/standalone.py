@@ -74,6 +74,13 @@ def evaluate_model_dir(model_dir: Path, cfg: RunConfig, split: str) -> dict:
                 raise ConfigError(f"the model's labels {trained} differ from the data's {data.label_names}")
         sequences = source.epoch(0)  # the order does not change the metrics
         runner = _Runner(model, ctx)
+        if cfg.task == "preference":
+            from shardtune.preference import reference_logps
+
+            # No starting model here: the model is its own reference, so rewards are 0 and the
+            # reference-free metrics (logp_accuracy, log-probs) are the ones that compare models.
+            source.reference = reference_logps(runner, build_task(cfg), source.pairs(), rank=ctx.rank,
+                                               micro_batch_size=cfg.train.micro_batch_size, world_size=ctx.world_size)
         metrics = evaluate(
             runner, build_task(cfg, data.num_labels), sequences,
             micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank, world_size=ctx.world_size,
