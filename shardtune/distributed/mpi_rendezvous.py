@@ -23,6 +23,7 @@ import fcntl
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -197,5 +198,8 @@ def mpi_rendezvous(env: ProcessEnvironment, interface: str | None = None,
             f"{size} rank(s) ({lines}). Set distributed.rendezvous_interface to an interface the other "
             "nodes reach, or export MASTER_ADDR (and MASTER_PORT) to every rank"
         )
+    if rank == 0:
+        print(f"shardtune: MPI rendezvous at {address}:{port} on host {host}, reached by all {size} rank(s)",
+              file=sys.stderr, flush=True)
     return replace(env, local_rank=local_rank, local_world_size=local_size, node_rank=node_rank,
                    master_addr=address, master_port=port, rendezvous="done")
