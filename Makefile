@@ -19,7 +19,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # GGUF files named by model.name_or_path are imported (de-quantised) here once, by sha256.
 export SHARDTUNE_MODEL_CACHE ?= $(CURDIR)/.cache/models
 
-.PHONY: demo demo-tiny demo-classify demo-chat test test-fast cluster-test faults bench bench-data lint install warm clean
+.PHONY: demo demo-tiny demo-classify demo-chat demo-chat-tiny test test-fast cluster-test faults bench bench-data lint install warm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,12 +59,18 @@ demo-classify: warm
 	$(VENV)/bin/shardtune sweep configs/classify-minilm.yaml --nproc 2 \
 	  --grid finetune.strategy=frozen_head,full,lora metrics.progress_bar=false
 
-# Chat SFT on a causal LM, 2 CPU ranks, two stages. Stage 1 stands in for a hub checkpoint
-# (none can be downloaded here): a ~1M-parameter Llama pre-trained by shardtune on the built-in
-# corpus, exported to a Hugging Face directory. Stage 2 fine-tunes that directory on generated
-# chat data (assistant-only loss) with full / frozen_head / lora, scoring exact match of greedy
-# answers against the baseline. Writes runs/chat-sft-sweep/sweep.md (+ .csv) and a report per run.
-demo-chat: warm
+# Chat SFT of the real pre-trained chat model (SmolLM2-135M-Instruct, imported from its GGUF
+# once), 2 CPU ranks: full / frozen_head / lora on generated chat data (assistant-only loss),
+# exact match of greedy answers against the baseline. Writes runs/chat-sft-smollm2-sweep/sweep.md
+# (+ .csv) and a report per run.
+demo-chat: $(MODEL_STAMP)
+	$(PY) -m shardtune.data.synthetic_chat runs/chat-sft-data.jsonl --records 3000
+	$(VENV)/bin/shardtune data prepare configs/chat-sft-smollm2.yaml --no-progress
+	$(VENV)/bin/shardtune sweep configs/chat-sft-smollm2.yaml --nproc 2 --grid finetune.strategy=full,frozen_head,lora
+
+# The same workflow on a ~1M-parameter Llama that shardtune pre-trains itself first (stage 1,
+# exported to a Hugging Face directory), then fine-tunes (stage 2): seconds per step.
+demo-chat-tiny: warm
 	$(VENV)/bin/shardtune launch configs/chat-sft-pretrain.yaml --nproc 2
 	rm -rf runs/chat-sft-pretrain/hf
 	$(VENV)/bin/shardtune ckpt export runs/chat-sft-pretrain/checkpoints runs/chat-sft-pretrain/hf
@@ -74,7 +80,7 @@ demo-chat: warm
 
 # Build DeepSpeed's CPU communication op in one process before tests run ranks in parallel,
 # or the first multi-rank test races the compile.
-warm: $(STAMP)
+warm: $(MODEL_STAMP)
 	$(PY) -m shardtune.distributed.warm
 
 test: warm
