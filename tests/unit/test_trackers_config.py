@@ -53,3 +53,33 @@ def test_result_metrics_are_the_numbers_of_the_result():
     result = {"steps": 8, "tokens_per_s": 10.5, "final": {"loss": 2.0, "confusion": [[1]]}, "resumed_from": None,
               "completed": True}
     assert result_metrics(result) == {"result/steps": 8.0, "result/tokens_per_s": 10.5, "result/final/loss": 2.0}
+
+
+def test_a_resumed_run_continues_its_mlflow_and_wandb_runs(tmp_path, monkeypatch):
+    # The logger as the loop drives it, twice in one output directory: a first invocation
+    # stopped after step 2 and a resumed one from step 2 (real MLflow file store, W&B offline).
+    from mlflow.tracking import MlflowClient
+
+    from shardtune.train.metrics import MetricsLogger
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the tracker sets for a file: URI
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = {"train": {"lr": 0.1}, "run": {"name": "resume"}}
+    for start, stop in ((0, 2), (2, 4)):
+        log = MetricsLogger(tmp_path, enabled=True, trackers=["jsonl", "mlflow", "wandb"], progress=False,
+                            total_steps=4, run_name="resume", config=config)
+        log.start_at(start)
+        for step in range(start + 1, stop + 1):
+            log.log(step, {"loss": 1.0 / step})
+        log.close({"steps": stop, "final": {"loss": 1.0 / stop}})
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("shardtune").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
+    assert history == {1: 1.0, 2: 0.5, 3: 1 / 3, 4: 0.25}
+    assert runs[0].data.params["train.lr"] == "0.1" and runs[0].data.metrics["result/steps"] == 4
+    ids = {path.name.rsplit("-", 1)[1] for path in (tmp_path / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1  # two offline directories at most, one W&B run id
