@@ -72,9 +72,13 @@ class SyntheticDataSection(_Section):
 
 
 class SplitRatios(_Section):
-    train: float = Field(0.98, ge=0.0, le=1.0)
-    validation: float = Field(0.01, ge=0.0, le=1.0)
-    test: float = Field(0.01, ge=0.0, le=1.0)
+    """Shares of records by a hash of their content (data/splits.py), the same for every data path.
+
+    The test split is evaluated once, at the end, with the best checkpoint."""
+
+    train: float = Field(0.90, ge=0.0, le=1.0)
+    validation: float = Field(0.05, ge=0.0, le=1.0)
+    test: float = Field(0.05, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitRatios:
@@ -172,10 +176,6 @@ class DataSection(_Section):
     verify_checksums: bool = True
     prepare: PrepareSection = PrepareSection()
     seq_len: int = Field(256, ge=8)
-    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    # In-memory sources only (synthetic, jsonl): the hash-split share held out as the test
-    # split, evaluated once at the end with the best checkpoint. Prepared data has its own.
-    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     synthetic: SyntheticDataSection = SyntheticDataSection()
     # ``concat``: documents back to back, cut every seq_len tokens (no padding; a cut may
     # separate a prompt from its response). ``whole_documents``: each document whole in one
@@ -206,8 +206,6 @@ class DataSection(_Section):
             raise ValueError("data.source=jsonl needs data.path")
         if self.source == "prepared" and not self.prepared_dir:
             raise ValueError("data.source=prepared needs data.prepared_dir")
-        if self.validation_fraction + self.test_fraction >= 1.0:
-            raise ValueError("data.validation_fraction + data.test_fraction must be below 1")
         return self
 
 
@@ -345,11 +343,14 @@ class CheckpointSection(_Section):
     keep_every: int | None = Field(None, ge=1)  # also keep every n-th step forever
     # Async: the loop waits only while the state is staged to host memory.
     async_save: bool = True
-    # auto = newest valid checkpoint under dir (corrupt ones skipped with a warning);
-    # never = start fresh; anything else = that checkpoint directory, which must be valid.
+    # auto = newest valid checkpoint under dir (corrupt ones skipped with a warning; none at all
+    # starts fresh, but checkpoints that are all invalid are an error); auto-or-fresh = the same,
+    # starting fresh when all are invalid; never = start fresh; anything else = that checkpoint
+    # (a step, checkpoints or run directory), which must be valid.
     resume: str = "auto"
     verify_on_resume: bool = True
-    # SIGUSR1 / SIGTERM: every rank saves at the next step boundary and exits with code 75.
+    # SIGUSR1 / SIGTERM / SIGINT / SIGHUP: every rank saves at the next step boundary and exits
+    # with code 75 (docs/reliability.md has the table).
     save_on_signal: bool = True
     # A failed save (disk full, ...) never leaves a partial checkpoint; then go on or stop.
     on_save_error: Literal["continue", "stop"] = "continue"

@@ -7,7 +7,6 @@ between train and validation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from shardtune.data.packing import (
     WholeDocumentEpoch,
     plan_cache_beside,
 )
+from shardtune.data.splits import split_records
 from shardtune.data.synthetic import generate_records
 from shardtune.errors import DataError
 
@@ -52,27 +52,6 @@ def record_text(record: dict[str, str]) -> str:
     if "text" in record and "prompt" not in record:
         return record["text"]
     return record["prompt"] + "\n" + record["completion"]
-
-
-def _split_position(record: dict[str, str]) -> float:
-    digest = hashlib.blake2b(record_text(record).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def in_validation(record: dict[str, str], fraction: float) -> bool:
-    return _split_position(record) < fraction
-
-
-def split_records(records: list[dict], validation_fraction: float, test_fraction: float = 0.0):
-    """(train, validation, test) by content hash: [0, v) validation, [v, v+t) test, rest train.
-
-    With ``test_fraction=0`` the split is exactly the historical train/validation one.
-    """
-    out: tuple[list, list, list] = ([], [], [])
-    for r in records:
-        u = _split_position(r)
-        out[1 if u < validation_fraction else 2 if u < validation_fraction + test_fraction else 0].append(r)
-    return out
 
 
 def tokenize_records(records: list[dict[str, str]], tokenizer) -> TokenizedCorpus:
@@ -176,7 +155,7 @@ def build_sources(cfg: DataSection, tokenizer, seed: int) -> tuple[InMemorySourc
     if cfg.source == "prepared":
         return build_prepared_sources(cfg, tokenizer, seed)
     records = load_records(cfg, seed)
-    train, val, _ = split_records(records, cfg.validation_fraction, cfg.test_fraction)
+    train, val, _ = split_records(records, cfg.prepare.splits)
     if not train:
         raise DataError("no training records left after the validation split")
     train_src = InMemorySource(tokenize_records(train, tokenizer), cfg.seq_len, seed, cfg.packing)

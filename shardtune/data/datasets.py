@@ -14,11 +14,11 @@ from shardtune.data.corpus import (
     InMemorySource,
     load_records,
     read_jsonl_records,
-    split_records,
     tokenize_records,
     with_packing,
 )
 from shardtune.data.hf_source import is_hf_input, read_mixture_records
+from shardtune.data.splits import split_records
 from shardtune.errors import DataError
 
 
@@ -67,7 +67,7 @@ def _causal_lm(cfg: RunConfig, tokenizer) -> Datasets:
         return Datasets(train, val, test, summary={"source": f"prepared ({data.prepared_dir})", "splits": summary,
                                                    "packing": train.epoch(0).stats()})
     records = load_records(data, seed)
-    train, val, test = split_records(records, data.validation_fraction, data.test_fraction)
+    train, val, test = split_records(records, data.prepare.splits)
     if not train:
         raise DataError("no training records left after the validation/test split")
 
@@ -104,7 +104,7 @@ def _mixture_splits(cfg: RunConfig, tokenizer, entry) -> dict:
             records = read_mixture_records(entry)
         else:
             records = read_jsonl_records(entry.path)
-        train, val, test = split_records(records, data.validation_fraction, data.test_fraction)
+        train, val, test = split_records(records, data.prepare.splits)
         if not train:
             raise DataError(f"data.mixture source {entry.label} ({entry.path}) has no training records "
                             "after the validation/test split")
@@ -170,7 +170,7 @@ def _classification(cfg: RunConfig, tokenizer) -> Datasets:
             raise DataError(f"task=classification needs a 'label' in every record (record {missing[0]} has none)")
         names = label_vocabulary(records, data.prepare.label_names)
         parts = dict(zip(("train", "validation", "test"),
-                         split_records(records, data.validation_fraction, data.test_fraction), strict=True))
+                         split_records(records, data.prepare.splits), strict=True))
         splits = {k: examples_from_records(v, names, tokenizer, data.seq_len) for k, v in parts.items() if v}
         source_name = "synthetic topic classification" if data.source == "synthetic" else f"jsonl ({data.path})"
     if "train" not in splits:

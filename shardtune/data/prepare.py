@@ -55,6 +55,7 @@ from shardtune.data.shards import (
     token_dtype,
     verify_shards,
 )
+from shardtune.data.splits import assign_split
 from shardtune.data.tokenizer import tokenizer_fingerprint
 from shardtune.errors import DataError, ShardError
 from shardtune.integrity import sha256_file, sha256_json
@@ -115,15 +116,6 @@ def job_fingerprint(inputs: list[dict], settings: PrepareSection, tokenizer_spec
 # The pipeline
 
 
-def split_of(digest: bytes, settings: PrepareSection) -> str:
-    """Uniform in [0, 1) from the content hash: adding records never moves existing ones."""
-    u = int.from_bytes(digest[8:16], "big") / 2**64
-    ratios = settings.splits
-    if u < ratios.train:
-        return "train"
-    return "validation" if u < ratios.train + ratios.validation else "test"
-
-
 class _Pipeline:
     def __init__(self, settings: PrepareSection, encoder: DocumentEncoder, out_dir: Path, dtype):
         self.settings = settings
@@ -178,7 +170,7 @@ class _Pipeline:
         if record.label is not None:
             # Ids in order of first appearance in the input: appending data keeps existing ids.
             self.labels.setdefault(record.label, len(self.labels))
-        split = split_of(digest, self.settings)
+        split = assign_split(digest, self.settings.splits)
         if encoded is not None:
             self._write(split, record, digest, *encoded)
             return

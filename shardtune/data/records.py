@@ -46,6 +46,11 @@ class BadRecord(Exception):
         self.detail = detail
 
 
+def content_digest(kind: str, content: dict[str, Any]) -> bytes:
+    canonical = json.dumps([kind, content], ensure_ascii=False, sort_keys=True)
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
+
+
 @dataclass
 class Record:
     kind: str  # one of FORMATS
@@ -66,9 +71,8 @@ class Record:
         return {"text": self.text}
 
     def content_digest(self) -> bytes:
-        """Hash of the normalised content: the exact-dedup key and the split key."""
-        canonical = json.dumps([self.kind, self.content()], ensure_ascii=False, sort_keys=True)
-        return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
+        """Hash of the normalised content: the split key (``data/splits.py``)."""
+        return content_digest(self.kind, self.content())
 
     def num_chars(self) -> int:
         if self.kind == "chat":

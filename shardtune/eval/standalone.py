@@ -8,7 +8,6 @@ config given on the command line (required for a plain Hugging Face directory).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -33,6 +32,8 @@ class _Runner:
 
 def config_for(path: Path, config: str | None, overrides: list[str]) -> RunConfig:
     from shardtune.checkpoint.manifest import TRAINER_STATE
+    from shardtune.errors import CheckpointError
+    from shardtune.integrity import read_json_object
 
     if config is not None:
         return load_config(config, overrides)
@@ -42,7 +43,7 @@ def config_for(path: Path, config: str | None, overrides: list[str]) -> RunConfi
     import yaml
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(json.loads(state_file.read_text())["config"], fh)
+        yaml.safe_dump(read_json_object(state_file, CheckpointError, "checkpoint file").get("config") or {}, fh)
     return load_config(fh.name, overrides, source=f"{state_file} (the config saved with the checkpoint)")
 
 
@@ -64,7 +65,7 @@ def evaluate_model_dir(model_dir: Path, cfg: RunConfig, split: str) -> dict:
         data = build_datasets(cfg, tokenizer)
         source = {"train": data.train, "validation": data.validation, "test": data.test}[split]
         if source is None:
-            raise ConfigError(f"the data of this config has no {split!r} split (set data.test_fraction)")
+            raise ConfigError(f"the data of this config has no {split!r} split (set data.prepare.splits.test)")
         auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
         model = auto.from_pretrained(str(model_dir), dtype=torch.float32).to(ctx.device)
         model.config.use_cache = False

@@ -134,7 +134,7 @@ def test_chat_data_prepares_into_prompts_and_answers(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_exact_match_on_two_ranks_with_uneven_shares(tmp_path, strategy):
-    run = run_shardtune(tmp_path, f"distributed.strategy={strategy}", "train.max_steps=2", "data.test_fraction=0.05",
+    run = run_shardtune(tmp_path, f"distributed.strategy={strategy}", "train.max_steps=2", "data.prepare.splits={train: 0.9, validation: 0.05, test: 0.05}",
                         "eval.generate.samples=5", "eval.generate.max_new_tokens=4", "eval.generate.micro_batch_size=2",
                         "eval.generate.examples=2", nproc=2, timeout=240)
     result = run.result

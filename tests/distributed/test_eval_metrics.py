@@ -150,7 +150,7 @@ def test_causal_lm_metrics_and_early_stopping(tmp_path):
     # min_delta larger than any possible change: the first evaluation after the baseline is
     # never an improvement, so patience 1 stops there.
     run = run_shardtune(tmp_path, "eval.every=2", "eval.patience=1", "eval.min_delta=100",
-                        "data.test_fraction=0.05", "train.max_steps=20")
+                        "data.prepare.splits={train: 0.9, validation: 0.05, test: 0.05}", "train.max_steps=20")
     result = run.result
     assert result["steps"] == 4 and result["stopped_reason"].startswith("early stopping at step 4")
     assert result["best_step"] == 2

@@ -200,7 +200,7 @@ def test_strategies_freeze_exactly_under_sharding(tmp_path, pretrained_dir, stra
 # mode=max on the loss: while the loss falls, only the first evaluation is ever the best, so
 # the patience count runs 1, 2, 3 and the run stops at step 4 (best: step 1).
 EARLY_STOP = ["train.max_steps=10", "eval.every=1", "eval.patience=3", "eval.metric=loss", "eval.mode=max",
-              "data.test_fraction=0.05", "checkpoint.keep_last=1", "checkpoint.async_save=false"]
+              "data.prepare.splits={train: 0.9, validation: 0.05, test: 0.05}", "checkpoint.keep_last=1", "checkpoint.async_save=false"]
 
 
 def test_early_stopping_state_survives_a_resume(tmp_path):

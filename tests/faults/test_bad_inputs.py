@@ -54,7 +54,7 @@ BAD_CONFIGS = [
     (["data.source=jsonl"], "data.source=jsonl needs data.path"),
     (["data.source=parquet"], "'data.source'"),
     (["data.seq_len=4"], "'data.seq_len'"),
-    (["data.validation_fraction=1.5"], "'data.validation_fraction'"),
+    (["data.prepare.splits.validation=1.5"], "'data.prepare.splits.validation'"),
     (["tokenizer.vocab_size=10"], "'tokenizer.vocab_size'"),
     (["checkpoint.keep_last=0"], "'checkpoint.keep_last'"),
     (["checkpoint.on_save_error=retry"], "'checkpoint.on_save_error'"),

@@ -79,7 +79,8 @@ def _write_run(run_dir, *, classical: bool, records: list[dict], summary: dict, 
               "eval_metric": "f1_macro", "trainable_params": 10, "total_params": 100, "wall_seconds": 1.0,
               "tokens_per_s": 5.0, "stopped_reason": "max_steps"}
     (run_dir / "result.json").write_text(json.dumps(result))
-    (run_dir / "config.yaml").write_text("run: {name: r}\nfinetune: {strategy: full, label_smoothing: 0.1}\n")
+    (run_dir / "config.yaml").write_text("run: {name: r}\nfinetune: {strategy: full, label_smoothing: 0.1}\n"
+                                         "train: {epochs: 2, max_steps: null}\n")
     (run_dir / "data_summary.json").write_text(json.dumps(summary))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if classical:
@@ -104,6 +105,7 @@ def test_report_shows_the_classical_reference_and_truncation_counts(tmp_path):
     assert "did not beat the classical reference" in report and "0.7900 vs 0.8500" in report
     assert "## Warnings" in report
     assert "7 of 50 (cut" in report and "4 of 10 sampled" in report and "train 3, validation 7" in report
+    assert "budget train.epochs=2)" in report
 
 
 def test_sweep_table_and_plot_carry_the_baseline_and_the_classical_reference(tmp_path):
