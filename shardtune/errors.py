@@ -8,6 +8,7 @@ crash without parsing messages.
 from __future__ import annotations
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C: stopped at once, no new checkpoint
 
 
 class ShardtuneError(Exception):
@@ -58,6 +59,14 @@ class RendezvousError(ShardtuneError, RuntimeError):
     """Ranks could not meet: the message names each rank and host that cannot reach rank 0's address."""
 
 
+class RunDirInUseError(ShardtuneError, RuntimeError):
+    """Another job holds the run directory's lock; the message names its pid, host and command."""
+
+
+class Interrupted(ShardtuneError, RuntimeError):
+    """Stopped at once by a second interrupt: no new checkpoint, the last committed one stands."""
+
+
 class Preempted(ShardtuneError, RuntimeError):
     """Raised after the checkpoint is committed, so the process exits with PREEMPTED_EXIT_CODE."""
 
@@ -76,6 +85,8 @@ EXIT_CODES: list[tuple[type[ShardtuneError], int, str, str]] = [
     (MissingExtraError, 2, "", ""),
     (ModelImportError, 2, "model error: ", ""),
     (RendezvousError, 5, "rendezvous failed: ", ""),
+    (RunDirInUseError, 6, "", ""),
+    (Interrupted, INTERRUPTED_EXIT_CODE, "interrupted: ", ""),
     (Preempted, PREEMPTED_EXIT_CODE, "", "; rerun the same command to resume"),
 ]
 

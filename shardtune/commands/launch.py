@@ -29,7 +29,8 @@ def run(args, extra, parser) -> int:
 
     from shardtune.launch.local import run_torchrun, torchrun_command, torchrun_environment
 
-    config_path, overrides, _ = load_run_config(args, extra, parser)
+    _check_counts(args)
+    config_path, overrides, cfg = load_run_config(args, extra, parser)
     if args.mpirun:
         from shardtune.launch.mpi import mpirun_command, run_mpirun
 
@@ -48,4 +49,22 @@ def run(args, extra, parser) -> int:
     if args.dry_run:
         print(" ".join([*(f"{k}={v}" for k, v in extra_env.items()), shlex.join(cmd)]))
         return 0
-    return run_torchrun(cmd, extra_env)
+    import contextlib
+
+    from shardtune.run_dirs import hold_run_dir
+
+    # One job per run directory: node 0 holds the lock for the whole job (on a shared
+    # filesystem the other nodes' launchers would only find node 0's lock).
+    with hold_run_dir(cfg.output_dir) if args.node_rank == 0 else contextlib.nullcontext():
+        return run_torchrun(cmd, extra_env)
+
+
+def _check_counts(args) -> None:
+    from shardtune.errors import ConfigError
+
+    for flag, value, least in (("--nproc", args.nproc, 1), ("--nnodes", args.nnodes, 1),
+                               ("--node-rank", args.node_rank, 0), ("--max-restarts", args.max_restarts, 0)):
+        if value < least:
+            raise ConfigError(f"{flag} must be at least {least} (got {value})")
+    if args.node_rank >= args.nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} is not below --nnodes {args.nnodes}")

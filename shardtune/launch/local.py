@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
-from shardtune.errors import PREEMPTED_EXIT_CODE
+from shardtune.errors import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from shardtune.launch.trainer_signals import LAUNCHER_PID_ENV, forward_to_workers
+
+# What a user, a batch system or a terminal sends to stop a job: each means "save and stop".
+LAUNCHER_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 def torchrun_command(
@@ -54,17 +60,49 @@ def run_torchrun(cmd: list[str], extra_env: dict[str, str] | None = None) -> int
 
     torchrun sets OMP_NUM_THREADS=1 per worker when it starts several; shardtune's own
     thread sizing (cores / local ranks) applies when it is left unset.
+
+    Stop signals to the launcher (SIGTERM, SIGINT, SIGHUP, SIGUSR1) are passed on to the
+    trainers, which save at the next step and exit 75; the launcher then exits 75 too. A second
+    SIGINT kills them at once (exit 130). torchrun's own handler is kept off these signals: it
+    would stop the workers with a 30 s grace and then raise a traceback here (exit 1).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     for name, value in (extra_env or {}).items():
         os.environ.setdefault(name, value)  # workers inherit this process's environment
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # trainers die with this process
+    received: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        received.append(signum)
+        again = signum == signal.SIGINT and received.count(signal.SIGINT) > 1
+        threading.Thread(target=forward_to_workers, args=(signum, os.getpid()), kwargs={"force": again},
+                         daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in LAUNCHER_STOP_SIGNALS}
     try:
-        torchrun_main(cmd[cmd.index("torch.distributed.run") + 1 :])
+        torchrun_main(["--signals-to-handle=SIGQUIT", *cmd[cmd.index("torch.distributed.run") + 1 :]])
     except ChildFailedError as exc:
         # torchrun reports any failed worker as exit 1; the trainers' "checkpoint saved, run me
         # again" status is passed through so a batch script can tell preemption from a crash.
         codes = {failure.exitcode for failure in exc.failures.values()}
-        return PREEMPTED_EXIT_CODE if codes == {PREEMPTED_EXIT_CODE} else 1
+        return launcher_exit_code(codes, received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def launcher_exit_code(codes: set[int], received: list[int]) -> int:
+    """The launcher's exit code from its workers' (``-N``: killed by signal N) and the signals it got."""
+    if codes == {PREEMPTED_EXIT_CODE}:
+        return PREEMPTED_EXIT_CODE
+    stopped = {PREEMPTED_EXIT_CODE, -signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL, INTERRUPTED_EXIT_CODE}
+    if received.count(signal.SIGINT) > 1 and codes <= stopped:
+        return INTERRUPTED_EXIT_CODE  # aborted at once, as asked: the last committed checkpoint stands
+    if received and codes <= stopped:
+        # Asked to stop, and a trainer died of the request before it could save (still starting
+        # up, or torchrun tearing the group down): nothing committed is lost, rerun resumes.
+        return PREEMPTED_EXIT_CODE
+    return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +117,82 @@ def signal_trainers(signum: int, job_id: str | None, wait_s: float = 30.0, poll_
     if not signalled and not waiting:
         print(f"{host}: no shardtune trainer of job {job_id or '(any)'} found", flush=True)
     return len(signalled)
+
+
+# -- the local launcher's side: its own workers only ---------------------------------------------
+
+LAUNCHER_PID_ENV = "SHARDTUNE_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_trainers(parent: int) -> list[Trainer]:
+    """The trainers this launcher started (its direct children running ``shardtune train``)."""
+    pids = (int(entry.name) for entry in PROC.iterdir() if entry.name.isdigit())
+    return [Trainer(pid, True) for pid in sorted(pids) if _parent(pid) == parent and is_trainer_command(_argv(pid))]
+
+
+def forward_to_workers(signum: int, parent: int, wait_s: float = 30.0, poll_s: float = 0.2, *,
+                       force: bool = False) -> int:
+    """Pass a signal the launcher got on to its trainers. torchrun puts each worker in its own
+    session, so a Ctrl-C or a SIGTERM to the launcher's process group never reaches them. A
+    trainer still starting up (no handler yet) is waited for: the default action would kill it
+    instead of saving; with ``force`` (a second Ctrl-C) none is. Returns how many were signalled."""
+    deadline = time.monotonic() + wait_s
+    signalled: set[int] = set()
+    while True:
+        pending = [t.pid for t in worker_trainers(parent) if t.pid not in signalled]
+        for pid in pending:
+            if force or catches_signal(pid, signum):
+                try:
+                    os.kill(pid, signum)
+                    signalled.add(pid)
+                except ProcessLookupError:
+                    pass
+        if (signalled and not [p for p in pending if p not in signalled]) or time.monotonic() >= deadline:
+            return len(signalled)
+        time.sleep(poll_s)
+
+
+def die_with_launcher() -> None:
+    """In a trainer started by a launcher (shardtune launch, or torchrun): die with it.
+
+    Without this, killing the launcher (kill -9, an OOM kill, a lost node agent) left both
+    trainers running for seconds and once committing a checkpoint with no launcher left; an
+    immediate relaunch then had two sets of trainers in one run directory. The kernel sends
+    SIGKILL when the parent exits (PR_SET_PDEATHSIG); a watchdog thread on the parent pid covers
+    a parent that died before the call. SIGKILL, not a stop signal: a save it cuts short stays
+    an uncommitted ``.tmp-*`` directory, and the last committed checkpoint stands.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ and LAUNCHER_PID_ENV not in os.environ:
+        return  # started by hand: its parent is a shell
+    parent = os.getppid()
+    expected = os.environ.get(LAUNCHER_PID_ENV)
+    if expected is not None and expected.isdigit() and int(expected) != parent and \
+            not _is_descendant_of(parent, int(expected)):
+        os._exit(1)  # the launcher is already gone
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+    if os.getppid() != parent:  # died between getppid and prctl
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="shardtune-launcher-watchdog", daemon=True).start()
+
+
+def _is_descendant_of(pid: int, ancestor: int) -> bool:
+    for _ in range(8):  # plain torchrun under shardtune launch: agent -> worker
+        if pid in (0, 1):
+            return False
+        if pid == ancestor:
+            return True
+        pid = _parent(pid)
+    return False
