@@ -54,7 +54,7 @@ def run_row(name: str, overrides: list[str], steps: int, warmup: int, timeout: f
         cmd = [sys.executable, "-m", "shardtune", "launch", str(CONFIG), "--nproc", "1",
                f"run.output_dir={tmp}", f"train.max_steps={steps}", "metrics.log_every=1",
                "metrics.progress_bar=false", "checkpoint.at_end=false", "eval.test_at_end=false",
-               "eval.save_best=false", "train.eval_batches=1", "data.synthetic.num_records=20000", *overrides]
+               "eval.save_best=false", "eval.batches=1", "data.synthetic.num_records=20000", *overrides]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - start

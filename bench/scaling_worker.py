@@ -105,7 +105,7 @@ def main() -> None:
         if mode == "fresh" and step == save_step:
             metrics, wall, cpu = timed(lambda: evaluate(
                 strategy, parts.task, parts.val_source.epoch(0), micro_batch_size=cfg.train.micro_batch_size,
-                rank=ctx.rank, world_size=ctx.world_size, max_batches=cfg.train.eval_batches))
+                rank=ctx.rank, world_size=ctx.world_size, max_batches=cfg.eval.batches))
             result.update(eval_s=wall, eval_cpu_s=cpu, val_loss=metrics["loss"])
             progress.step = step
             _, wall, cpu = timed(lambda step=step: ckpt.save(step, blocking=True))

@@ -256,7 +256,7 @@ def run_job(job: Job, facts: dict, plan: Plan, work: Path, rep: int, tokenizer_d
         st_args = [*common, f"distributed.strategy={job.strategy}", f"run.output_dir={out_dir}",
                    f"metrics.log_every={plan.window}", "metrics.progress_bar=false", "metrics.trackers=[jsonl]",
                    # One validation batch, no checkpoint: neither is inside the timed windows, both cost wall time.
-                   "train.eval_batches=1", "checkpoint.at_end=false", "checkpoint.resume=never"]
+                   "eval.batches=1", "checkpoint.at_end=false", "checkpoint.resume=never"]
         if job.impl != "shardtune":
             st_args.append("train.compile=blocks")
         cmd = [sys.executable, "-m", "shardtune", "launch", "--nproc", str(job.nproc), *st_args]

@@ -9,6 +9,8 @@ carry the exact ``loc`` we turn into ``train.lr``-style paths with a "did you me
 from __future__ import annotations
 
 import difflib
+import inspect
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +24,8 @@ STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Attribute docstrings become field descriptions: `shardtune config show --explain KEY`.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class RunSection(_Section):
@@ -230,7 +233,6 @@ class TrainSection(_Section):
     on_nonfinite: Literal["skip", "stop"] = "skip"
     # Stop anyway after this many consecutive skipped steps: a run that only skips is broken.
     max_consecutive_nonfinite: int = Field(10, ge=1)
-    eval_batches: int | None = Field(None, ge=1)
     # torch.compile: none; blocks (each transformer block's forward, compiled before the
     # strategy wraps it, so FSDP2's per-block hooks stay outside the graphs); model (the
     # whole forward; ddp, zero1, zero2 only). true means blocks.
@@ -414,7 +416,7 @@ class EvalSection(_Section):
     # Evaluate the validation split every n optimizer steps (plus before step 1 and at the
     # end). None = only before and after training.
     every: int | None = Field(None, ge=1)
-    batches: int | None = Field(None, ge=1)  # cap per validation evaluation (default train.eval_batches / all)
+    batches: int | None = Field(None, ge=1)  # cap per validation evaluation (default: all of it)
     test_batches: int | None = Field(None, ge=1)  # cap on the test evaluation (default: the whole split)
     # Where evaluations run. train is for data without a validation split, and says so in the report.
     split: Literal["validation", "train"] = "validation"
@@ -465,6 +467,23 @@ class RunConfig(_Section):
                              "eval.generate.every_eval")
         return self
 
+    @model_validator(mode="after")
+    def _compile_fits_strategy(self) -> RunConfig:
+        # Checked at load so `config show` and `plan` refuse what the run would refuse.
+        mode, strategy = self.train.compile, self.distributed.strategy
+        if mode == "model" and strategy in ("fsdp", "zero3"):
+            raise ValueError(
+                f"train.compile=model does not work with distributed.strategy={strategy}: the per-block "
+                "parameter gathers would run inside the compiled graph; "
+                + ("use train.compile=blocks" if strategy == "fsdp" else "use fsdp with train.compile=blocks")
+            )
+        if mode == "blocks" and strategy == "zero3":
+            raise ValueError(
+                "train.compile=blocks does not work with distributed.strategy=zero3: ZeRO-3 gathers "
+                "every linear layer's weights in hooks inside each block; use fsdp, or train.compile=none"
+            )
+        return self
+
     @property
     def eval_metric(self) -> str:
         if self.eval.metric != "auto":
@@ -499,6 +518,55 @@ def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys.extend(_valid_keys(annotation, path + "."))
     return keys
+
+
+def _field_at(path: str):
+    """(section class that holds the key, its FieldInfo) for a dotted key such as ``train.lr``."""
+    cls, field = RunConfig, None
+    for part in path.split("."):
+        if cls is None or part not in cls.model_fields:
+            hint = nearest_key(path)
+            raise ConfigError(f"unknown key {path!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+        field = cls.model_fields[part]
+        owner = cls
+        annotation = field.annotation
+        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return owner, field
+
+
+def _type_name(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+def explain_key(path: str) -> str:
+    """What ``shardtune config show --explain KEY`` prints: type, default and the field's docstring."""
+    owner, field = _field_at(path)
+    annotation = field.annotation
+    lines = [f"{path}: {_type_name(annotation)}"]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        lines.append("  a section with keys: " + ", ".join(annotation.model_fields))
+        doc = inspect.cleandoc(annotation.__doc__ or "")
+    else:
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  default: {json.dumps(default, default=str)}")
+        doc = field.description or ""
+    lines += ["  " + line for line in (doc or "(no description)").splitlines()]
+    return "\n".join(lines)
+
+
+def key_space() -> list[str]:
+    """Every config key with its type and default, one per line: what the snapshot test pins."""
+    out = []
+    for key in _valid_keys(RunConfig):
+        _, field = _field_at(key)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out.append(f"{key}: section")
+        else:
+            out.append(f"{key}: {_type_name(annotation)} = "
+                       f"{json.dumps(field.get_default(call_default_factory=True), default=str)}")
+    return out
 
 
 def nearest_key(path: str) -> str | None:

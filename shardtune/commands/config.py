@@ -10,11 +10,15 @@ def add_parser(sub) -> None:
     config_sub = p.add_subparsers(dest="config_command", required=True)
     p_show = config_sub.add_parser("show", help="print the resolved config")
     add_config_args(p_show)
+    p_show.add_argument("--explain", metavar="KEY", help="print a key's type, default and documentation instead")
 
 
 def run(args, extra, parser) -> int:
-    from shardtune.config import dump_config
+    from shardtune.config import dump_config, explain_key
 
+    if args.explain:
+        print(explain_key(args.explain))
+        return 0
     _, _, cfg = load_run_config(args, extra, parser)
     print(dump_config(cfg), end="")
     return 0

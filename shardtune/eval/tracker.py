@@ -43,7 +43,7 @@ class EvalTracker:
         self.metric, self.mode = cfg.eval_metric, cfg.eval_mode
         self.kwargs = dict(
             micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank, world_size=ctx.world_size,
-            max_batches=cfg.eval.batches or cfg.train.eval_batches, label_names=self.label_names,
+            max_batches=cfg.eval.batches, label_names=self.label_names,
         )
         # The test split is evaluated once, at the end: all of it unless eval.test_batches says otherwise.
         self.test_kwargs = dict(self.kwargs, max_batches=cfg.eval.test_batches)

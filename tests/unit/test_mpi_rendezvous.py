@@ -100,7 +100,7 @@ NO_MPI = """
 import json, os, sys
 from shardtune.cli import main
 from shardtune.distributed.environment import detect_environment
-small = ["train.max_steps=1", "train.eval_batches=1"]
+small = ["train.max_steps=1", "eval.batches=1"]
 kinds = [detect_environment().kind]
 codes = [main(["train", {config!r}, "run.output_dir={out}/single", *small])]
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

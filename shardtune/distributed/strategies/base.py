@@ -28,7 +28,6 @@ class Strategy(ABC):
     name: str
 
     def __init__(self, cfg: RunConfig, ctx: DistContext):
-        check_compile_supported(cfg)
         self.cfg = cfg
         self.ctx = ctx
         self.bf16 = resolve_bf16(cfg, ctx)
@@ -152,21 +151,6 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
             "_no_split_modules; FSDP2 would shard it as one unit and train.compile=blocks has nothing to compile"
         )
     return blocks
-
-
-def check_compile_supported(cfg: RunConfig) -> None:
-    mode, strategy = cfg.train.compile, cfg.distributed.strategy
-    if mode == "model" and strategy in ("fsdp", "zero3"):
-        raise ValueError(
-            f"train.compile=model does not work with distributed.strategy={strategy}: the per-block "
-            "parameter gathers would run inside the compiled graph; "
-            + ("use train.compile=blocks" if strategy == "fsdp" else "use fsdp with train.compile=blocks")
-        )
-    if mode == "blocks" and strategy == "zero3":
-        raise ValueError(
-            "train.compile=blocks does not work with distributed.strategy=zero3: ZeRO-3 gathers "
-            "every linear layer's weights in hooks inside each block; use fsdp, or train.compile=none"
-        )
 
 
 def apply_compile(model: torch.nn.Module, mode: str) -> None:
