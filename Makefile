@@ -19,7 +19,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # GGUF files named by model.name_or_path are imported (de-quantised) here once, by sha256.
 export SHARDTUNE_MODEL_CACHE ?= $(CURDIR)/.cache/models
 
-.PHONY: demo demo-tiny demo-classify demo-chat demo-chat-tiny test test-fast cluster-test faults bench bench-data lint install warm clean
+.PHONY: demo demo-tiny demo-classify demo-chat demo-chat-tiny test test-fast golden snapshots cluster-test faults bench bench-data lint install warm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,10 @@ test-fast: $(STAMP)
 golden: warm
 	SHARDTUNE_WRITE_GOLDEN=1 $(PY) -m pytest -q -p no:cacheprovider tests/distributed/test_strategies.py \
 	  -k "ddp or fsdp or zero3"
+
+# Rewrite tests/unit/snapshots/ (the config key space): only after a change meant to alter it.
+snapshots: $(STAMP)
+	SHARDTUNE_WRITE_SNAPSHOT=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit/test_config_keys.py
 
 # Fault injection: killed ranks, kills during saves, corruption, signals, stalls, NaNs, a full
 # disk, bad inputs; prints the reliability table (scenario, trials, survived, data lost).
