@@ -33,7 +33,6 @@ def run(args, extra, parser) -> int:
     from shardtune.data.prepare import prepare_dataset
     from shardtune.data.report import format_table
     from shardtune.errors import ConfigError
-    from shardtune.models.loading import load_model_tokenizer
     stray = [a for a in extra if a.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -56,6 +55,10 @@ def run(args, extra, parser) -> int:
     try:
         tokenizer = None
         if tokenizer_path:
+            # Imported here: it imports torch (seconds), which a run that trains its own BPE, or
+            # stops at its first bad record, does not need.
+            from shardtune.models.loading import load_model_tokenizer
+
             tokenizer = load_model_tokenizer(TokenizerSection(name_or_path=tokenizer_path), cfg.model.trust_remote_code)
         result = prepare_dataset(settings, out_dir, inputs=inputs or None, tokenizer=tokenizer,
                                  tokenizer_vocab_size=cfg.tokenizer.vocab_size, seq_len=cfg.data.seq_len)

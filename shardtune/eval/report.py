@@ -244,6 +244,14 @@ def _generations_section(records: list[dict]) -> list[str]:
     return lines
 
 
+def _budget(config: dict) -> str:
+    train = config.get("train") or {}
+    epochs, steps = train.get("epochs"), train.get("max_steps")
+    if epochs is not None:
+        return f"train.epochs={epochs:g}" + (f", at most {steps} steps" if steps is not None else "")
+    return f"train.max_steps={steps}"
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     result = json.loads((run_dir / "result.json").read_text())
@@ -270,7 +278,7 @@ def write_report(run_dir: str | Path) -> Path:
         "## Result", "", metrics_table(result, keys, classical), "",
         f"Trainable parameters: {result.get('trainable_params', 0):,} of {result.get('total_params', 0):,} "
         f"({100 * result.get('trainable_params', 0) / max(1, result.get('total_params', 1)):.2f}%). "
-        f"Steps: {result.get('steps')} ({result.get('stopped_reason')}); wall time "
+        f"Steps: {result.get('steps')} ({result.get('stopped_reason')}; budget {_budget(config)}); wall time "
         f"{result.get('wall_seconds', float('nan')):.1f} s; {result.get('tokens_per_s', 0):,.0f} tokens/s.",
     ]
     verdict = classical_verdict(result, classical, result.get("eval_metric") or keys[0])
