@@ -34,6 +34,16 @@ class RunSection(_Section):
     seed: int = 1234
 
 
+def _existing_local_path(spec: str | None) -> str | None:
+    """A name that can only be a local path (absolute, ./, ../, ~, a .gguf file, or more than one
+    '/') must exist: else transformers answers "Repo id must be in the form ..." from deep inside."""
+    if spec is None or spec.startswith("pkg:") or Path(spec).expanduser().exists():
+        return spec
+    if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        raise ValueError(f"no such file or directory: {spec}")
+    return spec  # a hub id such as org/name
+
+
 class ModelSection(_Section):
     # Either a local directory / hub id loaded with from_pretrained ...
     name_or_path: str | None = None
@@ -55,6 +65,11 @@ class ModelSection(_Section):
             return "full" if value else "none"
         return value
 
+    @field_validator("name_or_path")
+    @classmethod
+    def _local_model_exists(cls, value: str | None) -> str | None:
+        return _existing_local_path(value)
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
         if (self.name_or_path is None) == (self.config is None):
@@ -68,6 +83,11 @@ class TokenizerSection(_Section):
     # A local directory / hub id; None means "train a byte-level BPE on the run's text".
     name_or_path: str | None = None
     vocab_size: int = Field(2048, ge=260)
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _local_tokenizer_exists(cls, value: str | None) -> str | None:
+        return _existing_local_path(value)
 
 
 class SyntheticDataSection(_Section):
@@ -450,6 +470,17 @@ class RunConfig(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     finetune: FinetuneSection = FinetuneSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _paths_and_lengths_fit(self) -> RunConfig:
+        for key, path in (("run.output_dir", self.output_dir), ("checkpoint.dir", self.checkpoint_dir)):
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"{key}={path} exists and is not a directory")
+        limit = (self.model.config or {}).get("max_position_embeddings")
+        if isinstance(limit, int) and self.data.seq_len > limit:
+            raise ValueError(f"data.seq_len={self.data.seq_len} is longer than the model's "
+                             f"max_position_embeddings={limit} (model.config)")
+        return self
 
     @model_validator(mode="after")
     def _finetune_fits(self) -> RunConfig:

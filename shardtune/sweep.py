@@ -24,6 +24,7 @@ from pathlib import Path
 
 from shardtune.config import load_config
 from shardtune.errors import ConfigError
+from shardtune.integrity import read_json_object
 
 METRICS = {"classification": ["accuracy", "f1_macro", "loss"],
            "causal_lm": ["loss", "perplexity", "token_accuracy"]}
@@ -145,12 +146,15 @@ def collect_sweep(sweep_dir: str | Path) -> Path:
     plan_file = sweep_dir / PLAN_FILE
     if not plan_file.is_file():
         raise ConfigError(f"{plan_file} not found: {sweep_dir} is not a sweep directory")
-    plan = json.loads(plan_file.read_text())
+    plan = read_json_object(plan_file, ConfigError, "sweep plan")
     rows = []
     for run in plan["runs"]:
         run_dir = Path(run["run_dir"])
         task_file = run_dir / TASK_FILE
-        task = json.loads(task_file.read_text()) if task_file.is_file() else {}
+        try:
+            task = read_json_object(task_file, ConfigError, "task report") if task_file.is_file() else {}
+        except ConfigError as exc:  # one unreadable report must not hide the other runs' rows
+            task = {"exit_code": f"unreadable ({exc})"}
         rows.append(collect_row(run["name"], run["overrides"], run_dir, task.get("exit_code"), task.get("seconds")))
     write_tables(sweep_dir, rows, plan["task"])
     return sweep_dir / "sweep.md"
@@ -162,7 +166,11 @@ def collect_row(name: str, combo: list[str], run_dir: Path, returncode: int | No
     status = "ok" if returncode == 0 else "no result" if returncode is None else f"exit {returncode}"
     row = {"run": name, "overrides": " ".join(combo), "status": status, "launch_seconds": elapsed}
     if result_file.is_file():
-        row["result"] = json.loads(result_file.read_text())
+        try:
+            row["result"] = read_json_object(result_file, ConfigError, "run result")
+        except ConfigError as exc:
+            row["status"] = f"unreadable result: {exc}"
+            return row
         if returncode != 0:  # e.g. gloo's sporadic abort at exit after a finished run
             row["status"] = "ok" if returncode is None else f"ok (exit {returncode} after writing results)"
     classical = run_dir / "classical.json"  # classification: the TF-IDF + logistic regression reference

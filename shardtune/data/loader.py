@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from shardtune.data.prefetch import OrderedPrefetcher
+from shardtune.errors import ConfigError
 
 
 class SequenceSource(Protocol):
@@ -70,7 +71,7 @@ class GlobalBatchLoader:
     ):
         per_rank, rem = divmod(global_batch_size, world_size)
         if rem or per_rank % micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={global_batch_size} must split into {world_size} ranks "
                 f"x whole micro-batches of train.micro_batch_size={micro_batch_size}"
             )

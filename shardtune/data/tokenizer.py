@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from shardtune.config import TokenizerSection
+from shardtune.errors import ConfigError
 from shardtune.integrity import sha256_json
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -56,7 +57,13 @@ def load_tokenizer(cfg: TokenizerSection, trust_remote_code: bool, saved_dir: Pa
     source = resolve_model_path(cfg.name_or_path) or (str(saved_dir) if saved_dir else None)
     if source is None:
         raise ValueError("tokenizer.name_or_path is not set and no trained tokenizer was saved")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(f"tokenizer {source} ships its own Python code, which shardtune runs only with "
+                          "model.trust_remote_code=true: set it only for a source you trust") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from shardtune.errors import ConfigError
+from shardtune.integrity import read_json_object
+
 HEADLINE = {
     "classification": ["loss", "accuracy", "f1_macro", "precision_macro", "recall_macro"],
     "causal_lm": ["loss", "perplexity", "token_accuracy"],
@@ -254,11 +257,11 @@ def _budget(config: dict) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    result = json.loads((run_dir / "result.json").read_text())
+    result = read_json_object(run_dir / "result.json", ConfigError, "run result")
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     config = yaml.safe_load(config_text) if config_text else {}
     summary_file = run_dir / "data_summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = read_json_object(summary_file, ConfigError, "data summary") if summary_file.is_file() else {}
     task = result.get("task", "causal_lm")
     keys = list(HEADLINE[task])
     if "exact_match" in (result.get("baseline") or result.get("final") or {}):

@@ -105,4 +105,9 @@ def launcher_exit_code(codes: set[int], received: list[int]) -> int:
         # Asked to stop, and a trainer died of the request before it could save (still starting
         # up, or torchrun tearing the group down): nothing committed is lost, rerun resumes.
         return PREEMPTED_EXIT_CODE
+    own = {c for c in codes if c > 0}
+    if len(own) == 1 and codes - own <= {-signal.SIGTERM}:
+        # The ranks that failed agreed on why (a checkpoint error is 4 on every rank); those
+        # torchrun then stopped report -15. The table's code says more to a wrapper than 1.
+        return own.pop()
     return 1

@@ -9,6 +9,7 @@ import torch
 
 from shardtune.config import ModelSection, TokenizerSection
 from shardtune.data.tokenizer import load_tokenizer, resolve_model_path
+from shardtune.errors import ConfigError
 from shardtune.models.gguf import is_gguf, resolve_gguf
 
 # Config attributes that hold a dropout probability, across model families.
@@ -16,6 +17,15 @@ DROPOUT_KEYS = (
     "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attention_dropout",
     "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
 )
+
+
+def refuse_remote_code(exc: ValueError, key: str, spec: str) -> Exception:
+    """transformers' refusal to run a model's own code, as one line naming the key; else ``exc``."""
+    if "trust_remote_code" not in str(exc):
+        return exc
+    return ConfigError(f"{key}.name_or_path={spec} ships its own Python code, which shardtune runs only with "
+                       "model.trust_remote_code=true: set it only for a source you trust (the code runs with "
+                       "your permissions)")
 
 
 def override_dropout(config, rate: float) -> list[str]:
@@ -56,9 +66,12 @@ def model_class_and_config(
         )
     if cfg.name_or_path is not None:
         path = resolve_pretrained(cfg.name_or_path)
-        config = AutoConfig.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **task_kwargs
-        )
+        try:
+            config = AutoConfig.from_pretrained(
+                path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **task_kwargs
+            )
+        except ValueError as exc:
+            raise refuse_remote_code(exc, "model", cfg.name_or_path) from None
         if task == "classification" and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool the last non-pad token
     else:

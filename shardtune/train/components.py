@@ -19,6 +19,7 @@ from shardtune.data.loader import GlobalBatchLoader
 from shardtune.data.tokenizer import load_tokenizer, train_tokenizer
 from shardtune.distributed.process_group import DistContext, seed_everything
 from shardtune.distributed.strategies import Strategy, build_strategy
+from shardtune.errors import ConfigError
 from shardtune.models.loading import count_parameters, load_model_tokenizer
 from shardtune.models.sharded_load import peak_host_memory_mib
 from shardtune.optim import SchedulerState
@@ -94,6 +95,10 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> RunParts:
     # Full on every rank (ddp, zero1/2), or on meta for fsdp/zero3, which load only their shards in setup.
     model = strategy.build_model(tokenizer, data.label_names)
     model_config = model.config
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.data.seq_len > limit:  # else it fails deep inside torch.cat
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's "
+                          f"max_position_embeddings={limit} ({cfg.model.name_or_path or 'model.config'})")
     # The one place the fine-tuning strategy is applied: before any parallel wrapping.
     model, plan = apply_finetuning(model, cfg.finetune, cfg.train.lr)
     num_params, _ = count_parameters(model)  # before sharding hides the full shapes
