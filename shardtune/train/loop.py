@@ -240,7 +240,8 @@ def _start_line(cfg: RunConfig, ctx, parts, resume_path, start_step: int) -> str
         f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, grad accumulation "
         f"{parts.loader.grad_accum_steps}"
         + (f", resumed from {resume_path} at step {start_step}" if resume_path else "")
-        + f"\n{parts.plan.describe()}"
+        + f"\n{parts.plan.describe()}; model load: {parts.strategy.load_note}, "
+        f"peak host memory {parts.peak_host_memory_mib:.0f} MiB per rank"
     )
 
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.distributed
 
 EXPECTED_TAGS = {
     "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",
-    "train/mfu", "train/peak_memory_mib", "val/loss",
+    "train/mfu", "train/peak_memory_mib", "val/loss", "load/peak_host_memory_mib",
 }
 
 
@@ -27,6 +27,9 @@ def test_single_event_file_with_expected_tags(tmp_path):
     assert losses == pytest.approx(run.train_losses(), rel=1e-6)
     assert [e.step for e in acc.Scalars("val/loss")] == [0, 8]  # before and after training
     assert all(0 < e.value < 1 for e in acc.Scalars("train/mfu"))
+    # The loading peak is logged once, and is the one result.json reports.
+    (peak,) = acc.Scalars("load/peak_host_memory_mib")
+    assert peak.value == pytest.approx(run.result["peak_host_memory_mib"]) and peak.value > 100
     # The progress bar and summary come from rank 0 only.
     assert run.stdout.count("finished: 8 steps") == 1
     assert "tensorboard --logdir" in run.stdout

@@ -84,13 +84,18 @@ def load_case(ctx, config: str, overrides: list[str], labels, reference: bool, f
     # path every strategy took before sharded loading), for the bench's comparison.
     build = Strategy.build_model if full_build else type(strategy).build_model
     model = build(strategy, tokenizer, labels)
+    built_peak = peak_host_memory_mib()  # a full build's weights are all in place here
     model, plan = apply_finetuning(model, cfg.finetune, cfg.train.lr)
     strategy.lr_scales = plan.lr_scales
     strategy.setup(model, total_steps=10)
     load_seconds = time.perf_counter() - start
     peak = peak_host_memory_mib()
     dist.barrier()
+    # "load": until the weights are in place; "setup": also the optimizer / DeepSpeed engine
+    # state that setup allocates (ZeRO-3's fp32 partitions and gradient buffers).
+    loaded = strategy.load_peak_host_mib or built_peak
     row = {"rank": ctx.rank, "rss_before_mib": before, "peak_mib": peak, "growth_mib": peak - before,
+           "load_growth_mib": loaded - before,
            "load_seconds": load_seconds, "load_seconds_all": time.perf_counter() - start,
            "note": strategy.load_note,
            # After the load: private memory vs mapped file pages (shared page cache).

@@ -59,6 +59,20 @@ def test_plan_command_prints_table_and_recommendation():
     assert out.returncode == 0, out.stderr
     assert "8.03B parameters" in out.stdout and "| zero3 |" in out.stdout
     assert "Recommended:" in out.stdout
+    assert "Host memory while loading: ddp 29.9 GiB/rank" in out.stdout
+    assert "fsdp 0.2 GiB/rank" in out.stdout
+
+
+def test_host_memory_while_loading():
+    from shardtune.plan import host_load_bytes
+
+    arch = Architecture.from_mapping(KNOWN_ARCHITECTURES["llama-3.1-8b"])
+    assert host_load_bytes("ddp", arch, 8) == host_load_bytes("zero2", arch, 8) == 4 * arch.params
+    # Sharded on GPU: one tensor's shard at a time passes through the host (the embedding / 8).
+    assert host_load_bytes("fsdp", arch, 8) == 4 * arch.vocab * arch.hidden / 8
+    # On CPU the shards stay on the host; a model from a config replays its embedding in full.
+    assert host_load_bytes("zero3", arch, 4, on_gpu=False) == 4 * arch.params / 4
+    assert host_load_bytes("fsdp", arch, 8, pretrained=False) > 4 * arch.vocab * arch.hidden
 
 
 

@@ -40,6 +40,10 @@ class Strategy(ABC):
         # Set by ``build_meta_model``: where a meta-built model's values come from.
         self.weights = None
         self.load_note = "full build on every rank"
+        # Host VmHWM (MiB) once a meta-built model's weights are in place, before the
+        # optimizer or engine allocates its own state; None for a full build, whose weights
+        # are in place when ``build_model`` returns.
+        self.load_peak_host_mib: float | None = None
 
     # -- the model-loading entry: how this strategy wants its model built --------------
     # Replicating strategies (ddp, zero1, zero2) hold the whole model on every rank anyway:

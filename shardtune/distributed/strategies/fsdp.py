@@ -19,6 +19,7 @@ from shardtune.distributed.strategies.base import (
     torch_clip_and_step,
     transformer_blocks,
 )
+from shardtune.models.sharded_load import peak_host_memory_mib
 from shardtune.optim import build_optimizer, build_scheduler
 
 __all__ = ["FSDPStrategy", "mixed_precision_policy", "set_prefetch", "transformer_blocks"]
@@ -85,6 +86,7 @@ class FSDPStrategy(TorchStateMixin, Strategy):
         if meta:
             model.to_empty(device=self.ctx.device)
             self.weights.load_into(model, local_flat_view)
+            self.load_peak_host_mib = peak_host_memory_mib()
             self.weights = None  # drops the checkpoint handles and the init records
         set_prefetch(blocks, fsdp.forward_prefetch, fsdp.backward_prefetch)
         self.model = model

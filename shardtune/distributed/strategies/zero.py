@@ -81,6 +81,26 @@ def deepspeed_config(
     return deep_merge(generated, cfg.distributed.deepspeed)
 
 
+def partition_only_init():
+    import deepspeed
+
+    class PartitionOnlyInit(deepspeed.zero.Init):
+        """``zero.Init`` without its broadcast of every new parameter from rank 0.
+
+        The broadcast makes random constructor values agree across ranks; here every rank
+        writes its own partition from the checkpoint or the replayed init afterwards, so it
+        would only cost a full-size write of each parameter on every rank (resident memory
+        the allocator then keeps) and the model's bytes over the network. Overrides
+        DeepSpeed's ``_zero_init_param`` (0.19).
+        """
+
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return PartitionOnlyInit
+
+
 def partition_view(rank: int):
     """``load_into``'s view of ZeRO-3 parameters: rank r holds elements ``r*p .. r*p + p`` of
     the flattened parameter in ``ds_tensor`` (``p``: the partition size, the last one
@@ -124,6 +144,7 @@ class ZeroStrategy(Strategy):
         from transformers.initialization import no_init_weights
 
         from shardtune.models.loading import apply_activation_checkpointing
+        from shardtune.models.sharded_load import peak_host_memory_mib
 
         ds_config = deepspeed_config(self.cfg, self.ctx.world_size, 3, self.bf16,
                                      on_gpu=self.ctx.device.type == "cuda",
@@ -131,7 +152,7 @@ class ZeroStrategy(Strategy):
         # What deepspeed.initialize does first: wrap the existing process group, so zero.Init
         # sees the real world size.
         deepspeed.init_distributed(dist_backend=self.ctx.backend, dist_init_required=False)
-        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with no_init_weights(), partition_only_init()(config_dict_or_path=ds_config):
             model = type(meta_model)(meta_model.config)
         model.tie_weights()
         trainable = {name: p.requires_grad for name, p in meta_model.named_parameters()}
@@ -141,6 +162,7 @@ class ZeroStrategy(Strategy):
         apply_activation_checkpointing(model, self.cfg.model)
         self.weights.load_into(model, partition_view(self.ctx.rank))
         self.weights = None
+        self.load_peak_host_mib = peak_host_memory_mib()
         return model
 
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
