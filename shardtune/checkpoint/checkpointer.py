@@ -329,7 +329,8 @@ class Checkpointer:
             check_checkpoint(path, checksums=self.cfg.verify_on_resume)
             return path
         return newest_valid_checkpoint(self.root, checksums=self.cfg.verify_on_resume,
-                                       fresh_if_all_invalid=self._select_mode() == "auto-or-fresh")
+                                       fresh_if_all_invalid=self._select_mode() == "auto-or-fresh",
+                                       check=lambda path, sums: check_checkpoint(path, checksums=sums))
 
     def load(self, path: Path) -> dict:
         """Load model + optimizer into the strategy, this rank's RNG; return the trainer state.

@@ -165,18 +165,14 @@ def resolve_checkpoint(path: Path) -> Path:
                           "(nor a run directory with a checkpoints/ directory)")
 
 
-def _default_check(path: Path, checksums: bool) -> None:
-    from shardtune.checkpoint.safe_io import check_checkpoint  # safe_io builds on this module
-
-    check_checkpoint(path, checksums=checksums)
-
-
 def newest_valid_checkpoint(root: Path, checksums: bool = True, *, fresh_if_all_invalid: bool = True,
-                            check=_default_check) -> Path | None:
+                            check=None) -> Path | None:
     """The newest committed checkpoint that passes every load check; each one skipped is
     reported by name. ``None`` when there is none at all (a fresh start). When there are
     checkpoints but none is valid, a run that asked to resume is refused (a silent start at
     step 0 would then delete the evidence and the user's work) unless ``fresh_if_all_invalid``."""
+    # The loader passes safe_io.check_checkpoint (every load check); alone, this module checks files.
+    check = check or (lambda path, sums: verify_checkpoint(path, checksums=sums))
     committed = list_checkpoints(root)
     skipped = []
     for candidate in reversed(committed):
