@@ -63,7 +63,7 @@ class PreferenceSource:
         self.layout = layout
         self.reference: np.ndarray | None = None
         longest = layout.prompt + np.maximum(layout.chosen, layout.rejected)
-        self.counts = {"pairs": int(keep.sum()), "dropped_pairs": int((~keep).sum()),
+        self.counts = {"documents": len(keep), "pairs": int(keep.sum()), "dropped_pairs": int((~keep).sum()),
                        "truncated_pairs": int(((longest > seq_len) & keep).sum())}
 
     def __len__(self) -> int:

@@ -176,7 +176,7 @@ def test_truncation_and_drops_are_counted(tmp_path):
                {"prompt": "short", "chosen": " ".join(["yes"] * 60), "rejected": "no"}]
     result = _prepare(tmp_path, records, splits={"train": 1.0, "validation": 0.0, "test": 0.0})
     source = PreferenceSource(open_corpus(result.out_dir, result.manifest, "train"), seq_len=32, seed=0)
-    assert source.stats() == {"pairs": 1, "dropped_pairs": 1, "truncated_pairs": 1, "seq_len": 32}
+    assert source.stats() == {"documents": 2, "pairs": 1, "dropped_pairs": 1, "truncated_pairs": 1, "seq_len": 32}
     pair = source.pair(0)
     assert pair["lengths"].tolist()[0] == 32 and pair["lengths"][1] < 32
 
@@ -206,3 +206,46 @@ def test_chat_weight_zero_keeps_the_message_as_context_only(tmp_path):
     with pytest.raises(BadRecord) as bad:
         parse_record({"messages": only_context}, "a:4", RULES)
     assert bad.value.reason == "no_assistant_turn"
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(single_process_group):
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shardtune.preference import reference_logps
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=50)
+    base = AutoModelForCausalLM.from_config(config)
+    pairs = []
+    for i in range(3):
+        ids = torch.randint(0, 50, (2, 12)).numpy()
+        labels = ids.copy()
+        labels[:, :4] = -100
+        pairs.append({"input_ids": ids, "labels": labels, "lengths": np.array([12, 9 + i])})
+    task = PreferenceTask()
+
+    class Runner:
+        def __init__(self, model):
+            self.model, self.ctx = model, type("Ctx", (), {"device": torch.device("cpu")})()
+
+        def train(self, mode=True):
+            self.model.train(mode)
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+    want = reference_logps(Runner(base), task, pairs, micro_batch_size=2, rank=0, world_size=1)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # trained adapters: the policy is no longer the base
+    got = reference_logps(Runner(peft), task, pairs, micro_batch_size=2, rank=0, world_size=1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    with torch.no_grad():
+        batch = {k: torch.from_numpy(np.stack([p[k] for p in pairs])) for k in ("input_ids", "labels", "lengths")}
+        adapted, _ = task.pair_logps(task.logits(peft.eval(), batch, torch.device("cpu")), batch, torch.device("cpu"))
+    assert np.abs(adapted.numpy() - want).max() > 1e-3
