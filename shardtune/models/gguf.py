@@ -178,7 +178,7 @@ def cached_import(spec: str | os.PathLike, cache_root: Path | None = None) -> Pa
         try:
             if not _complete(target, path):
                 print(f"shardtune: importing {path.name} into {target} (once; later runs reuse it)", flush=True)
-                import_gguf(path, target, force=True)
+                import_gguf(spec, target, force=True)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
