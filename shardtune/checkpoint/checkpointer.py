@@ -16,7 +16,6 @@ previous checkpoint still committed and named by ``latest``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from shardtune import faults
 from shardtune.checkpoint.manifest import (
+    CHECKPOINT_ERRORS,
     FORMAT_VERSION,
     MANIFEST,
     TRAINER_STATE,
@@ -38,16 +38,21 @@ from shardtune.checkpoint.manifest import (
     describe_files,
     list_checkpoints,
     newest_valid_checkpoint,
-    read_manifest,
+    resolve_checkpoint,
+    retention_victims,
     step_dir_name,
-    verify_checkpoint,
     write_latest,
 )
 from shardtune.checkpoint.rng import load_rng_state, rng_state
-from shardtune.checkpoint.safe_io import SafeFileSystemReader, TensorOnlyLoadPlanner, safe_load_metadata
+from shardtune.checkpoint.safe_io import (
+    SafeFileSystemReader,
+    TensorOnlyLoadPlanner,
+    check_checkpoint,
+    safe_load_metadata,
+)
 from shardtune.checkpoint.staging import StagingBuffer, replica_share
-from shardtune.errors import CheckpointError
-from shardtune.integrity import fsync_path, write_json_atomic
+from shardtune.errors import CheckpointError, UnsafeCheckpointError
+from shardtune.integrity import fsync_path, read_json_object, write_json_atomic
 from shardtune.run_dirs import make_run_dir
 
 
@@ -79,7 +84,7 @@ def check_compatible(checkpoint_shapes: dict[str, list[int]], template: dict, wh
 
 def logical_shapes(directory: Path) -> dict[str, list[int]]:
     """Unsharded shape of every tensor, from DCP's own metadata (whichever rank wrote it)."""
-    metadata = safe_load_metadata((directory / ".metadata").read_bytes())
+    metadata = safe_load_metadata((directory / ".metadata").read_bytes(), directory / ".metadata")
     return {
         key: list(meta.size)
         for key, meta in sorted(metadata.state_dict_metadata.items())
@@ -127,6 +132,7 @@ class Checkpointer:
         self.failed_saves = 0
         self.last_saved_step: int | None = None
         self.pinned: set[int] = set()  # steps retention never deletes (the best evaluation)
+        self._validity: dict[str, bool] = {}  # retention's verdict per checkpoint directory
         if ctx.is_main:
             make_run_dir(root)
             for stale in root.glob(".tmp-step-*"):
@@ -240,7 +246,7 @@ class Checkpointer:
                     fsync_path(self.root)
                     faults.kill_point("before_latest", step)
                     write_latest(self.root, final.name)
-                    self._apply_retention()
+                    self._apply_retention(step)
                 except OSError as exc:
                     errors[0] = [f"rank 0: {type(exc).__name__}: {exc}"]
             if errors[0]:
@@ -285,14 +291,25 @@ class Checkpointer:
         write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence means complete
         fsync_path(tmp)
 
-    def _apply_retention(self) -> None:
-        committed = list_checkpoints(self.root)
-        keep = {c.step for c in committed[-self.cfg.keep_last:]} | self.pinned
-        if self.cfg.keep_every:
-            keep |= {c.step for c in committed if c.step % self.cfg.keep_every == 0}
-        for c in committed:
-            if c.step not in keep:
-                shutil.rmtree(c.path, ignore_errors=True)
+    def _apply_retention(self, newest: int) -> None:
+        # `newest` was just committed and `latest` names it: it is never deleted. It may replace
+        # a directory of the same step that an earlier retention pass found invalid.
+        self._validity[str(self.root / step_dir_name(newest))] = True
+        for c in retention_victims(list_checkpoints(self.root), newest=newest, keep_last=self.cfg.keep_last,
+                                   keep_every=self.cfg.keep_every, pinned=self.pinned, is_valid=self._is_valid):
+            shutil.rmtree(c.path, ignore_errors=True)
+
+    def _is_valid(self, c: CheckpointInfo) -> bool:
+        """Checked once per directory and process (hashes too, if resume would check them)."""
+        key = str(c.path)
+        if key not in self._validity:
+            try:
+                check_checkpoint(c.path, checksums=self.cfg.verify_on_resume)
+                self._validity[key] = True
+            except CHECKPOINT_ERRORS as exc:
+                self._validity[key] = False
+                print(f"shardtune: retention: {exc}; not counted and not deleted", file=sys.stderr, flush=True)
+        return self._validity[key]
 
     # -- resuming ---------------------------------------------------------------------------
 
@@ -303,40 +320,69 @@ class Checkpointer:
             try:
                 selected = self._select() if self._select_mode() != "never" else None
                 choice[0] = {"path": str(selected) if selected is not None else None}
-            except CheckpointError as exc:
-                choice[0] = {"error": str(exc)}  # every rank must fail, not wait for rank 0
-        dist.broadcast_object_list(choice, src=0)
+            except CHECKPOINT_ERRORS as exc:
+                choice[0] = {"error": str(exc), "unsafe": isinstance(exc, UnsafeCheckpointError)}
+        dist.broadcast_object_list(choice, src=0)  # every rank must fail, not wait for rank 0
         if "error" in choice[0]:
-            raise CheckpointError(choice[0]["error"])
+            raise (UnsafeCheckpointError if choice[0]["unsafe"] else CheckpointError)(choice[0]["error"])
         return Path(choice[0]["path"]) if choice[0]["path"] else None
 
     def _select_mode(self) -> str:
-        return self.cfg.resume if self.cfg.resume in ("auto", "never") else "path"
+        return self.cfg.resume if self.cfg.resume in ("auto", "auto-or-fresh", "never") else "path"
 
     def _select(self) -> Path | None:
         if self._select_mode() == "path":
-            path = Path(self.cfg.resume)
-            verify_checkpoint(path, checksums=self.cfg.verify_on_resume)
+            path = resolve_checkpoint(Path(self.cfg.resume))
+            check_checkpoint(path, checksums=self.cfg.verify_on_resume)
             return path
-        return newest_valid_checkpoint(self.root, checksums=self.cfg.verify_on_resume)
+        return newest_valid_checkpoint(self.root, checksums=self.cfg.verify_on_resume,
+                                       fresh_if_all_invalid=self._select_mode() == "auto-or-fresh",
+                                       check=lambda path, sums: check_checkpoint(path, checksums=sums))
 
     def load(self, path: Path) -> dict:
-        """Load model + optimizer into the strategy, this rank's RNG; return the trainer state."""
-        manifest = read_manifest(path)
+        """Load model + optimizer into the strategy, this rank's RNG; return the trainer state.
+
+        Every rank reads files here, and any of them may find a problem the others do not. Each
+        step therefore ends with every rank agreeing on the outcome: one rank's failure stops all
+        of them at once with its message (alone, it would leave the others to a closed
+        connection or a collective timeout that names nothing)."""
+        checked = self._on_every_rank(lambda: check_checkpoint(path, checksums=False))
         template = self.strategy.checkpoint_template()
-        check_compatible(manifest["tensors"], template, path)
-        dcp.load(
-            template,
-            storage_reader=SafeFileSystemReader(str(path)),
-            planner=TensorOnlyLoadPlanner(),
-        )
+        self._on_every_rank(lambda: check_compatible(checked.manifest["tensors"], template, path))
+        self._on_every_rank(lambda: dcp.load(
+            template, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyLoadPlanner(),
+        ))
         self.strategy.load_checkpoint_state(template)
         rng_file = path / "rng" / f"rank-{self.ctx.rank:05d}.json"
-        if manifest["world_size"] == self.ctx.world_size and rng_file.is_file():
-            load_rng_state(json.loads(rng_file.read_text()))
-        # On another world size the per-rank streams cannot map one-to-one; ranks keep the
-        # fresh seeds they were given (only dropout-like randomness depends on them).
-        return json.loads((path / TRAINER_STATE).read_text())
+
+        def restore_rng() -> None:
+            # On another world size the per-rank streams cannot map one-to-one; ranks keep the
+            # fresh seeds they were given (only dropout-like randomness depends on them).
+            if checked.manifest["world_size"] == self.ctx.world_size and rng_file.is_file():
+                try:
+                    load_rng_state(read_json_object(rng_file, CheckpointError, "RNG state"))
+                except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                    raise CheckpointError(f"{rng_file}: not an RNG state ({type(exc).__name__}: {exc})") from None
+
+        self._on_every_rank(restore_rng)
+        return checked.trainer_state
+
+    def _on_every_rank(self, step):
+        """Run ``step`` here; if it failed on any rank, raise that rank's error on every rank."""
+        result, error = None, None
+        try:
+            result = step()
+        except SAVE_ERRORS as exc:  # DCP's CheckpointException is a BaseException
+            unsafe = isinstance(exc, UnsafeCheckpointError) or "UnsafeCheckpointError" in str(exc)
+            error = (f"rank {self.ctx.rank}: {exc if isinstance(exc, CHECKPOINT_ERRORS) else _describe_error(exc)}",
+                     unsafe)
+        errors = [None] * self.ctx.world_size
+        dist.all_gather_object(errors, error, group=self.io_group)
+        failed = [e for e in errors if e]
+        if failed:
+            message = failed[0][0] + (f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else "")
+            raise (UnsafeCheckpointError if failed[0][1] else CheckpointError)(message)
+        return result
 
     def close(self) -> None:
         self.wait()
