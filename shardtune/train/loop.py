@@ -117,11 +117,12 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
     result.baseline = _scalars(tracker.baseline)
 
     strategy.train(True)
-    throughput.start(eval_seconds=tracker.seconds)
+    throughput.start()
     consecutive_bad = 0
     for step in range(start_step + 1, parts.total_steps + 1):
         hooks.step_begins(step, ctx.rank)
-        checkpointer.commit_finished_save()
+        with throughput.paused():  # a finished background save: the commit is not training
+            checkpointer.commit_finished_save()
         micro_batches = loader.next_step()
         if micro_batches is None:  # same answer on every rank: the cursor is global
             result.stopped_reason = "end of data"
@@ -151,17 +152,20 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
                 result.stopped_reason = early_stop
                 break
         if outcome.stop_requested:
-            checkpointer.save(step, blocking=True)
+            with throughput.paused():
+                checkpointer.save(step, blocking=True)
             result.stopped_reason = f"preempted at step {step} (checkpoint saved)"
             break
         if step == cfg.train.stop_at_step:
-            checkpointer.save(step)
+            with throughput.paused():
+                checkpointer.save(step)
             result.stopped_reason = f"stop_at_step {step}"
             break
         if checkpointer.due(step, parts.total_steps) and checkpointer.last_saved_step != step:
-            checkpointer.save(step)
+            with throughput.paused():
+                checkpointer.save(step)
 
-    result.tokens_per_s = throughput.overall(eval_seconds=tracker.seconds)
+    result.tokens_per_s = throughput.overall()
     _finish(cfg, result, tracker, checkpointer, stop_request)
     result.wall_seconds = throughput.wall_seconds()
     log.close(asdict(result))
@@ -188,8 +192,8 @@ def _finish(cfg: RunConfig, result: TrainResult, tracker: EvalTracker, checkpoin
 
 
 class Throughput:
-    """Tokens per second over the time spent training: evaluations (the baseline included, which
-    runs before the first step) are left out."""
+    """Tokens per second over the time spent training: evaluations (the baseline runs before
+    ``start``) and the loop's share of checkpoint saves and commits are left out."""
 
     def __init__(self, cfg: RunConfig, parts, device):
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -198,9 +202,9 @@ class Throughput:
         self.peak_flops = all_reduce_sum([peak_flops_per_rank(device, cfg.metrics.peak_tflops_per_rank)], device)[0]
         self.trained_steps = 0
 
-    def start(self, eval_seconds: float) -> None:
+    def start(self) -> None:
         self.run_start = self.window_start = time.perf_counter()
-        self.eval_seconds_at_start = eval_seconds
+        self.paused_seconds = 0.0
         self.window_tokens = 0
 
     def count_step(self) -> None:
@@ -213,7 +217,9 @@ class Throughput:
         try:
             yield
         finally:
-            self.window_start += time.perf_counter() - paused_at
+            spent = time.perf_counter() - paused_at
+            self.window_start += spent
+            self.paused_seconds += spent
 
     def window(self) -> dict[str, float]:
         """Rates since the last call (the logging window), then start a new window."""
@@ -225,8 +231,8 @@ class Throughput:
             "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else 0.0,
         }
 
-    def overall(self, eval_seconds: float) -> float:
-        seconds = time.perf_counter() - self.run_start - (eval_seconds - self.eval_seconds_at_start)
+    def overall(self) -> float:
+        seconds = time.perf_counter() - self.run_start - self.paused_seconds
         return self.trained_steps * self.tokens_per_step / max(seconds, 1e-9)
 
     def wall_seconds(self) -> float:
