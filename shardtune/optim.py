@@ -25,7 +25,9 @@ def param_groups(
         if not param.requires_grad:
             continue
         scale = 1.0 if lr_scales is None else lr_scales.get(name, 1.0)
-        buckets.setdefault((scale, param.ndim >= 2), []).append(param)
+        # A parameter partitioned by deepspeed.zero.Init is a flat stub; ds_shape is its shape.
+        ndim = len(param.ds_shape) if hasattr(param, "ds_shape") else param.ndim
+        buckets.setdefault((scale, ndim >= 2), []).append(param)
     uniform = len({scale for scale, _ in buckets}) <= 1
     groups = []
     for (scale, decays), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
