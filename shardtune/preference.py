@@ -254,15 +254,20 @@ def reference_tables(task, data) -> ReferenceTables | None:
                            data.summary.get("fingerprint", ""))
 
 
-def ensure_reference(tables: ReferenceTables | None, *, resumed: bool, runner, task, micro_batch_size: int,
-                     rank: int, world_size: int) -> str | None:
-    """Before the baseline: compute the tables on a fresh start; a resumed run must have read them."""
+def ensure_reference(parts, ctx, *, resumed: bool) -> str | None:
+    """Before the baseline: compute the tables on a fresh start; a resumed run must have read them.
+
+    ``parts``: the run's parts (``reference``, ``strategy``, ``task``); no-op for other tasks."""
+    tables = parts.reference
     if tables is None or tables.complete:
         return None
     if resumed:
         raise CheckpointError("the checkpoint holds no reference log-probs (it was not written by a preference "
                               "run); a preference run cannot recompute them from trained weights: start it "
                               "afresh (checkpoint.resume=never)")
-    tables.compute(runner, task, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size)
+    strategy = parts.strategy
+    tables.compute(strategy, parts.task, micro_batch_size=strategy.cfg.train.micro_batch_size,
+                   rank=ctx.rank, world_size=ctx.world_size)
     pairs = sum(len(s) for s in tables.sources.values())
-    return f"reference log-probs of {pairs} pairs computed in one no-grad pass ({tables.seconds:.1f} s)"
+    lora = " with the LoRA adapters disabled" if strategy.cfg.finetune.strategy == "lora" else ""
+    return f"reference log-probs of {pairs} pairs computed in one no-grad pass{lora} ({tables.seconds:.1f} s)"

@@ -51,6 +51,7 @@ from shardtune.checkpoint.safe_io import (
     safe_load_metadata,
 )
 from shardtune.checkpoint.staging import StagingBuffer, replica_share
+from shardtune.checkpoint.trainer_state import TrainerState
 from shardtune.errors import CheckpointError, UnsafeCheckpointError
 from shardtune.integrity import fsync_path, read_json_object, write_json_atomic
 from shardtune.run_dirs import make_run_dir
@@ -115,11 +116,12 @@ class CheckpointSaveError(CheckpointError):
 
 
 class Checkpointer:
-    def __init__(self, cfg, root: Path, ctx, strategy, *, extras_writer=None):
+    def __init__(self, cfg, root: Path, ctx, strategy, state: TrainerState, *, extras_writer=None):
         self.cfg = cfg
         self.root = root
         self.ctx = ctx
         self.strategy = strategy
+        self.state = state  # the non-tensor parts: asked at every save, restored by resume()
         self.extras_writer = extras_writer  # rank 0: writes model_config.json, tokenizer/ into a dir
         # Background writes run their own collectives; on the default group they could
         # interleave with the training loop's and deadlock.
@@ -145,8 +147,10 @@ class Checkpointer:
         every = self.cfg.every_steps
         return bool(every and step % every == 0) or (self.cfg.at_end and step == total_steps)
 
-    def save(self, step: int, trainer_state: dict, *, blocking: bool = False) -> None:
-        """Stage this step's state and write it; commit now (blocking) or when ``poll`` sees it done."""
+    def save(self, step: int, *, blocking: bool = False) -> None:
+        """Stage this step's state and write it; commit now (blocking) or when
+        ``commit_finished_save`` sees every rank's write done."""
+        trainer_state = self.state.state_dict()
         start = time.perf_counter()
         self.wait()  # one save in flight at a time; the previous must commit first
         self.last_saved_step = step
@@ -158,7 +162,7 @@ class Checkpointer:
                 shutil.rmtree(final)
             make_run_dir(tmp)
         dist.barrier()
-        faults.kill_point("before_staging", step)
+        faults.HOOKS.kill_point("before_staging", step)
         state = self.strategy.checkpoint_state()
         if self.strategy.name == "ddp":
             # Every DDP rank holds the same tensors: each stages and writes only its share, so
@@ -169,7 +173,7 @@ class Checkpointer:
         if blocking or not self.cfg.async_save:
             outcome: Future = Future()
             try:
-                faults.signal_point("save", self.ctx.rank, step)
+                faults.HOOKS.signal_point("save", self.ctx.rank, step)
                 outcome.set_result(self._write(state, writer, tmp, snapshot))
             except SAVE_ERRORS as exc:  # disk full, permissions, a peer's write error
                 outcome.set_exception(exc)
@@ -183,7 +187,7 @@ class Checkpointer:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardtune-ckpt")
             future = self._writer.submit(self._write, staged, writer, tmp, snapshot)
-            faults.signal_point("save", self.ctx.rank, step)  # the writes are in flight
+            faults.HOOKS.signal_point("save", self.ctx.rank, step)  # the writes are in flight
             self.pending = (future, step, tmp, final, snapshot)
             self.last_blocking_s = time.perf_counter() - start
 
@@ -206,7 +210,7 @@ class Checkpointer:
             written["rank0"] = {"files": describe_files(tmp, extra), "tensors": logical_shapes(tmp)}
         return written
 
-    def poll(self) -> None:
+    def commit_finished_save(self) -> None:
         """Commit the in-flight save once every rank's background write has finished."""
         if self.pending is None:
             return
@@ -228,9 +232,9 @@ class Checkpointer:
         described, error = None, None
         try:
             written = future.result()  # re-raises this rank's write error
-            faults.kill_point("after_write", step)
+            faults.HOOKS.kill_point("after_write", step)
             described = written["files"]
-            faults.signal_point("commit", rank, step)
+            faults.HOOKS.signal_point("commit", rank, step)
         except SAVE_ERRORS as exc:
             error = f"rank {rank}: {_describe_error(exc)}"
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
@@ -241,10 +245,10 @@ class Checkpointer:
             if not errors[0]:
                 try:
                     self._write_manifest(tmp, step, written["rank0"], [d for d, _ in gathered])
-                    faults.kill_point("before_rename", step)
+                    faults.HOOKS.kill_point("before_rename", step)
                     tmp.rename(final)
                     fsync_path(self.root)
-                    faults.kill_point("before_latest", step)
+                    faults.HOOKS.kill_point("before_latest", step)
                     write_latest(self.root, final.name)
                     self._apply_retention(step)
                 except OSError as exc:
@@ -338,6 +342,15 @@ class Checkpointer:
         return newest_valid_checkpoint(self.root, checksums=self.cfg.verify_on_resume,
                                        fresh_if_all_invalid=self._select_mode() == "auto-or-fresh",
                                        check=lambda path, sums: check_checkpoint(path, checksums=sums))
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint that ``checkpoint.resume`` selects into the model, the optimizer and
+        every stateful part; ``None`` (nothing loaded) for a fresh start."""
+        path = self.select_for_resume()
+        if path is not None:
+            state = self.load(path)
+            self._on_every_rank(lambda: self.state.load_state_dict(state))
+        return path
 
     def load(self, path: Path) -> dict:
         """Load model + optimizer into the strategy, this rank's RNG; return the trainer state.

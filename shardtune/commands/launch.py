@@ -31,6 +31,7 @@ def run(args, extra, parser) -> int:
 
     _check_counts(args)
     config_path, overrides, cfg = load_run_config(args, extra, parser)
+    _check_batch_split(cfg.train, args.nproc * args.nnodes)
     if args.mpirun:
         from shardtune.launch.mpi import mpirun_command, run_mpirun
 
@@ -57,6 +58,16 @@ def run(args, extra, parser) -> int:
     # filesystem the other nodes' launchers would only find node 0's lock).
     with hold_run_dir(cfg.output_dir) if args.node_rank == 0 else contextlib.nullcontext():
         return run_torchrun(cmd, extra_env)
+
+
+def _check_batch_split(train, ranks: int) -> None:
+    """Before torchrun starts: the message every rank would otherwise print after its start-up."""
+    from shardtune.errors import ConfigError
+
+    per_rank, rem = divmod(train.global_batch_size, ranks)
+    if rem or per_rank % train.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} must split into {ranks} ranks "
+                          f"x whole micro-batches of train.micro_batch_size={train.micro_batch_size}")
 
 
 def _check_counts(args) -> None:
