@@ -45,17 +45,18 @@ def _existing_local_path(spec: str | None) -> str | None:
 
 
 class ModelSection(_Section):
-    # Either a local directory / hub id loaded with from_pretrained ...
     name_or_path: str | None = None
-    # ... or a transformers config (``model_type`` plus its kwargs) for a randomly initialised model.
+    """Either a local directory / hub id loaded with from_pretrained ..."""
     config: dict[str, Any] | None = None
+    """... or a transformers config (``model_type`` plus its kwargs) for a randomly initialised model."""
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str = "sdpa"
-    # Recompute activations in backward instead of keeping them: none; full (every
-    # transformer block); selective (every ``activation_checkpointing_every``-th block, the
-    # rest keep theirs: less recompute where memory allows). true/false mean full/none.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of keeping them: none; full (every transformer block);
+    selective (every ``activation_checkpointing_every``-th block, the rest keep theirs: less recompute
+    where memory allows). true/false mean full/none.
+    """
     activation_checkpointing_every: int = Field(2, ge=2)
 
     @field_validator("activation_checkpointing", mode="before")
@@ -80,8 +81,8 @@ class ModelSection(_Section):
 
 
 class TokenizerSection(_Section):
-    # A local directory / hub id; None means "train a byte-level BPE on the run's text".
     name_or_path: str | None = None
+    """A local directory / hub id; None means "train a byte-level BPE on the run's text"."""
     vocab_size: int = Field(2048, ge=260)
 
     @field_validator("name_or_path")
@@ -114,44 +115,54 @@ class HFInputSection(_Section):
     """How ``data prepare`` opens its Hugging Face dataset inputs (``hf:NAME[:CONFIG]`` or a
     ``save_to_disk`` directory; shardtune/data/hf_source.py)."""
 
-    # None: every split of a DatasetDict, in its order (the records are re-split by content hash).
     split: str | None = None
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None  # hf:json, hf:parquet, hf:csv
-    streaming: bool = False  # read hf:NAME in one pass without downloading or caching it whole
+    """None: every split of a DatasetDict, in its order (the records are re-split by content hash)."""
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    """hf:json, hf:parquet, hf:csv"""
+    streaming: bool = False
+    """read hf:NAME in one pass without downloading or caching it whole"""
 
 
 class PrepareSection(_Section):
     """``shardtune data prepare``: cleaning, validation, splitting and sharding options."""
 
-    inputs: list[str] = Field(default_factory=list)  # files or globs; the CLI may give them instead
-    file_type: Literal["auto", "jsonl", "csv", "parquet"] = "auto"  # auto = by file suffix
+    inputs: list[str] = Field(default_factory=list)
+    """files or globs; the CLI may give them instead"""
+    file_type: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+    """auto = by file suffix"""
     format: Literal["auto", "chat", "prompt_completion", "text", "labelled", "preference"] = "auto"
     on_bad_record: Literal["drop", "error"] = "drop"
-    # NFC is lossless; NFKC also folds compatibility forms (full-width, superscripts).
     unicode_form: Literal["NFC", "NFKC"] = "NFC"
+    """NFC is lossless; NFKC also folds compatibility forms (full-width, superscripts)."""
     allowed_roles: list[str] = Field(default_factory=lambda: ["system", "user", "assistant", "tool"])
-    label_names: list[str] | None = None  # classification labels; None = in order of first appearance
+    label_names: list[str] | None = None
+    """classification labels; None = in order of first appearance"""
     max_tokens: int | None = Field(None, ge=2)
-    # Characters per record and per message after normalisation (too_long drops). auto: 32 x
-    # data.seq_len, at least 8192 (docs/data.md); null: no limit.
     max_chars: int | Literal["auto"] | None = "auto"
+    """Characters per record and per message after normalisation (too_long drops). auto: 32 x data.seq_len, at
+    least 8192 (docs/data.md); null: no limit.
+    """
     max_message_chars: int | Literal["auto"] | None = "auto"
     overlong: Literal["drop", "truncate"] = "drop"
     near_dedup: bool = True
-    near_dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # estimated Jaccard of word 5-grams
-    # Shorter texts (words and punctuation runs) are left to exact dedup after normalisation:
-    # MinHash on them drops distinct records that differ in a name.
+    near_dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    """estimated Jaccard of word 5-grams"""
     near_dedup_min_tokens: int = Field(32, ge=1)
+    """Shorter texts (words and punctuation runs) are left to exact dedup after normalisation: MinHash on them
+    drops distinct records that differ in a name.
+    """
     splits: SplitRatios = SplitRatios()
-    shard_tokens: int = Field(1 << 26, ge=1)  # a shard closes after the document crossing this
-    # A Jinja chat template; None = the tokenizer's own, else a built-in ChatML-like one.
+    shard_tokens: int = Field(1 << 26, ge=1)
+    """a shard closes after the document crossing this"""
     chat_template: str | None = None
+    """A Jinja chat template; None = the tokenizer's own, else a built-in ChatML-like one."""
     progress: bool = True
-    # Processes that parse and tokenize (1 = in this process). The output is identical for any
-    # count: de-duplication, splitting and writing stay in one process, in input order.
     workers: int = Field(1, ge=1)
-    # Hugging Face dataset inputs: shardtune field <- dataset column, e.g. {messages: conversations}.
+    """Processes that parse and tokenize (1 = in this process). The output is identical for any count:
+    de-duplication, splitting and writing stay in one process, in input order.
+    """
     columns: dict[str, str] = Field(default_factory=dict)
+    """Hugging Face dataset inputs: shardtune field <- dataset column, e.g. {messages: conversations}."""
     hf: HFInputSection = HFInputSection()
 
     @field_validator("max_chars", "max_message_chars")
@@ -166,12 +177,14 @@ class MixtureSourceSection(_Section):
     """One dataset of ``data.mixture``: a JSONL file, a Hugging Face dataset or a prepared
     directory, and its weight."""
 
-    name: str | None = None  # default: the file or directory name
-    path: str | None = None  # JSONL, hf:NAME[:CONFIG], or a save_to_disk directory
+    name: str | None = None
+    """default: the file or directory name"""
+    path: str | None = None
+    """JSONL, hf:NAME[:CONFIG], or a save_to_disk directory"""
     prepared_dir: str | None = None
     weight: float = Field(gt=0, allow_inf_nan=False)
-    # For a Hugging Face dataset path, as data.prepare.hf.split / data_files / columns.
     split: str | None = None
+    """For a Hugging Face dataset path, as data.prepare.hf.split / data_files / columns."""
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
     columns: dict[str, str] = Field(default_factory=dict)
 
@@ -187,29 +200,33 @@ class MixtureSourceSection(_Section):
 
 
 class DataSection(_Section):
-    # ``synthetic`` generates the built-in task (no files needed); ``jsonl`` reads
-    # prompt/completion or text records from ``path``; ``prepared`` memory-maps the shards
-    # ``shardtune data prepare`` wrote to ``prepared_dir``.
     source: Literal["synthetic", "jsonl", "prepared"] = "synthetic"
+    """``synthetic`` generates the built-in task (no files needed); ``jsonl`` reads prompt/completion or text
+    records from ``path``; ``prepared`` memory-maps the shards ``shardtune data prepare`` wrote to
+    ``prepared_dir``.
+    """
     path: str | None = None
     prepared_dir: str | None = None
-    # Prepared shards are always checked for existence and size when a run opens them; this
-    # also hashes each (sha256, a sequential read of the split on every rank) against the
-    # manifest. Turn off for very large prepared sets on trusted storage.
     verify_checksums: bool = True
+    """Prepared shards are always checked for existence and size when a run opens them; this also hashes each
+    (sha256, a sequential read of the split on every rank) against the manifest. Turn off for very large
+    prepared sets on trusted storage.
+    """
     prepare: PrepareSection = PrepareSection()
     seq_len: int = Field(256, ge=8)
     synthetic: SyntheticDataSection = SyntheticDataSection()
-    # ``concat``: documents back to back, cut every seq_len tokens (no padding; a cut may
-    # separate a prompt from its response). ``whole_documents``: each document whole in one
-    # sequence, padded; longer ones truncated to seq_len (counted in data_summary.json).
     packing: Literal["concat", "whole_documents"] = "concat"
-    # Background threads building the next steps (0 = in the training loop's thread), and
-    # how many steps they may run ahead.
+    """``concat``: documents back to back, cut every seq_len tokens (no padding; a cut may separate a prompt
+    from its response). ``whole_documents``: each document whole in one sequence, padded; longer ones
+    truncated to seq_len (counted in data_summary.json).
+    """
     num_workers: int = Field(0, ge=0)
+    """Background threads building the next steps (0 = in the training loop's thread), and how many steps they
+    may run ahead.
+    """
     prefetch_steps: int = Field(2, ge=1)
-    # Weighted datasets mixed into one order (causal LM); replaces source/path/prepared_dir.
     mixture: list[MixtureSourceSection] | None = None
+    """Weighted datasets mixed into one order (causal LM); replaces source/path/prepared_dir."""
 
     @model_validator(mode="after")
     def _path_for_files(self) -> DataSection:
@@ -234,13 +251,15 @@ class DataSection(_Section):
 
 class TrainSection(_Section):
     micro_batch_size: int = Field(4, ge=1)
-    # Sequences per optimizer step across all ranks. Fixed in the config so the same
-    # config gives the same optimisation at any world size; accumulation is derived.
     global_batch_size: int = Field(8, ge=1)
+    """Sequences per optimizer step across all ranks. Fixed in the config so the same config gives the same
+    optimisation at any world size; accumulation is derived.
+    """
     max_steps: int | None = Field(100, ge=1)
-    # End this invocation after this step (checkpointing it) while the LR schedule still
-    # spans the whole run: for time-sliced jobs, and to test exact resumption.
     stop_at_step: int | None = Field(None, ge=1)
+    """End this invocation after this step (checkpointing it) while the LR schedule still spans the whole run:
+    for time-sliced jobs, and to test exact resumption.
+    """
     epochs: float | None = Field(None, gt=0)
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -251,12 +270,13 @@ class TrainSection(_Section):
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     on_nonfinite: Literal["skip", "stop"] = "skip"
-    # Stop anyway after this many consecutive skipped steps: a run that only skips is broken.
     max_consecutive_nonfinite: int = Field(10, ge=1)
-    # torch.compile: none; blocks (each transformer block's forward, compiled before the
-    # strategy wraps it, so FSDP2's per-block hooks stay outside the graphs); model (the
-    # whole forward; ddp, zero1, zero2 only). true means blocks.
+    """Stop anyway after this many consecutive skipped steps: a run that only skips is broken."""
     compile: Literal["none", "blocks", "model"] = "none"
+    """torch.compile: none; blocks (each transformer block's forward, compiled before the strategy wraps it,
+    so FSDP2's per-block hooks stay outside the graphs); model (the whole forward; ddp, zero1, zero2 only).
+    true means blocks.
+    """
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -287,26 +307,28 @@ class TrainSection(_Section):
 
 class FSDPSection(_Section):
     reshard_after_forward: bool = True
-    # Explicit prefetch: how many following blocks each block all-gathers ahead of need in
-    # forward / backward. 0 = FSDP2's own default (backward prefetches one block implicitly).
     forward_prefetch: int = Field(0, ge=0)
+    """Explicit prefetch: how many following blocks each block all-gathers ahead of need in forward /
+    backward. 0 = FSDP2's own default (backward prefetches one block implicitly).
+    """
     backward_prefetch: int = Field(0, ge=0)
-    # Gradient reduce-scatter dtype under bf16; auto = fp32 (exact sums, twice the bytes).
     reduce_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Gradient reduce-scatter dtype under bf16; auto = fp32 (exact sums, twice the bytes)."""
 
 
 class DistributedSection(_Section):
     strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
-    # auto = bf16 on CUDA, fp32 on CPU (bf16 without AMX is ~2x slower than fp32 there).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 on CUDA, fp32 on CPU (bf16 without AMX is ~2x slower than fp32 there)."""
     init_timeout_s: float = Field(1800.0, gt=0)
     collective_timeout_s: float = Field(600.0, gt=0)
-    # Under an MPI launcher without MASTER_ADDR: the interface whose IPv4 address rank 0 offers
-    # (e.g. ib0); None = the one its routes to the other nodes use (distributed/mpi_rendezvous.py).
     rendezvous_interface: str | None = None
+    """Under an MPI launcher without MASTER_ADDR: the interface whose IPv4 address rank 0 offers (e.g. ib0);
+    None = the one its routes to the other nodes use (distributed/mpi_rendezvous.py).
+    """
     fsdp: FSDPSection = FSDPSection()
-    # Raw DeepSpeed keys merged over the generated config (zero strategies only).
     deepspeed: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed keys merged over the generated config (zero strategies only)."""
 
     @model_validator(mode="after")
     def _deepspeed_only_for_zero(self) -> DistributedSection:
@@ -341,13 +363,14 @@ _DERIVED_DEEPSPEED_KEYS = {
 
 class MetricsSection(_Section):
     log_every: int = Field(1, ge=1)
-    # Where rank 0 writes metrics (docs/trackers.md). jsonl is required: the run report, sweeps
-    # and the tests read metrics.jsonl. wandb and mlflow are extras (shardtune[wandb], [mlflow]).
     trackers: list[Literal["tensorboard", "jsonl", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard", "jsonl"])
+    """Where rank 0 writes metrics (docs/trackers.md). jsonl is required: the run report, sweeps and the tests
+    read metrics.jsonl. wandb and mlflow are extras (shardtune[wandb], [mlflow]).
+    """
     progress_bar: bool = True
-    # Peak dense FLOP/s per rank for MFU; None = measured (CPU) or looked up (known GPUs).
     peak_tflops_per_rank: float | None = Field(None, gt=0)
+    """Peak dense FLOP/s per rank for MFU; None = measured (CPU) or looked up (known GPUs)."""
 
     @field_validator("trackers")
     @classmethod
@@ -358,61 +381,75 @@ class MetricsSection(_Section):
 
 
 class CheckpointSection(_Section):
-    dir: str | None = None  # default: <run.output_dir>/checkpoints
+    dir: str | None = None
+    """default: <run.output_dir>/checkpoints"""
     every_steps: int | None = Field(None, ge=1)
     at_end: bool = True
     keep_last: int = Field(3, ge=1)
-    keep_every: int | None = Field(None, ge=1)  # also keep every n-th step forever
-    # Async: the loop waits only while the state is staged to host memory.
+    keep_every: int | None = Field(None, ge=1)
+    """also keep every n-th step forever"""
     async_save: bool = True
-    # auto = newest valid checkpoint under dir (corrupt ones skipped with a warning; none at all
-    # starts fresh, but checkpoints that are all invalid are an error); auto-or-fresh = the same,
-    # starting fresh when all are invalid; never = start fresh; anything else = that checkpoint
-    # (a step, checkpoints or run directory), which must be valid.
+    """Async: the loop waits only while the state is staged to host memory."""
     resume: str = "auto"
+    """auto = newest valid checkpoint under dir (corrupt ones skipped with a warning; none at all starts
+    fresh, but checkpoints that are all invalid are an error); auto-or-fresh = the same, starting fresh
+    when all are invalid; never = start fresh; anything else = that checkpoint (a step, checkpoints or run
+    directory), which must be valid.
+    """
     verify_on_resume: bool = True
-    # SIGUSR1 / SIGTERM / SIGINT / SIGHUP: every rank saves at the next step boundary and exits
-    # with code 75 (docs/reliability.md has the table).
     save_on_signal: bool = True
-    # A failed save (disk full, ...) never leaves a partial checkpoint; then go on or stop.
+    """SIGUSR1 / SIGTERM / SIGINT / SIGHUP: every rank saves at the next step boundary and exits with code 75
+    (docs/reliability.md has the table).
+    """
     on_save_error: Literal["continue", "stop"] = "continue"
+    """A failed save (disk full, ...) never leaves a partial checkpoint; then go on or stop."""
 
 
 class LoraSection(_Section):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    # Module-name suffixes that get adapters; None = the attention projections of the model
-    # family (q/k/v/o for Llama-likes, query/key/value for BERT-likes).
     target_modules: list[str] | None = None
-    # ``shardtune ckpt export``: merge the adapters into the weights (a plain HF model), or
-    # write the adapters alone (PEFT's adapter_model.safetensors + adapter_config.json).
+    """Module-name suffixes that get adapters; None = the attention projections of the model family (q/k/v/o
+    for Llama-likes, query/key/value for BERT-likes).
+    """
     export: Literal["merged", "adapters"] = "merged"
+    """``shardtune ckpt export``: merge the adapters into the weights (a plain HF model), or write the
+    adapters alone (PEFT's adapter_model.safetensors + adapter_config.json).
+    """
 
 
 class PreferenceSection(_Section):
     """``task: preference`` (docs/iteration.md): DPO on chosen/rejected pairs against the starting model."""
 
-    loss: Literal["dpo", "ipo"] = "dpo"  # dpo: sigmoid (Rafailov et al.); ipo: squared (Azar et al.)
-    beta: float = Field(0.1, gt=0)  # strength of the pull towards the reference model
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # dpo: assumed share of flipped preferences
+    loss: Literal["dpo", "ipo"] = "dpo"
+    """dpo: sigmoid (Rafailov et al.); ipo: squared (Azar et al.)"""
+    beta: float = Field(0.1, gt=0)
+    """strength of the pull towards the reference model"""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """dpo: assumed share of flipped preferences"""
 
 
 class FinetuneSection(_Section):
     """How a pre-trained model is specialised (applied before the parallel strategy wraps it)."""
 
-    # full: every weight trains. frozen_head: the pre-trained base is frozen, the task head
-    # (classification head / LM head) and the last ``train_last_blocks`` blocks train.
-    # lora: PEFT adapters on ``lora.target_modules`` plus the task head.
     strategy: Literal["full", "frozen_head", "lora"] = "full"
-    train_last_blocks: int = Field(0, ge=0)  # frozen_head: also train the top k blocks
-    train_head: bool = True  # frozen_head / lora: the head (new layers) trains
+    """full: every weight trains. frozen_head: the pre-trained base is frozen, the task head (classification
+    head / LM head) and the last ``train_last_blocks`` blocks train. lora: PEFT adapters on
+    ``lora.target_modules`` plus the task head.
+    """
+    train_last_blocks: int = Field(0, ge=0)
+    """frozen_head: also train the top k blocks"""
+    train_head: bool = True
+    """frozen_head / lora: the head (new layers) trains"""
     lora: LoraSection = LoraSection()
-    # Discriminative learning rates: head_lr for new/task layers (default: train.lr); the
-    # pre-trained top block gets train.lr and each block further down x layer_decay.
     head_lr: float | None = Field(None, gt=0)
+    """Discriminative learning rates: head_lr for new/task layers (default: train.lr); the pre-trained top
+    block gets train.lr and each block further down x layer_decay.
+    """
     layer_decay: float | None = Field(None, gt=0, le=1)
-    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # overrides every dropout rate of the model config
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    """overrides every dropout rate of the model config"""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     preference: PreferenceSection = PreferenceSection()
 
@@ -421,46 +458,58 @@ class GenerateSection(_Section):
     """Greedy generation on a sample of prompts, scored by normalised exact match, token F1
     (SQuAD-style) and ROUGE-L (causal LM); any of the three can be eval.metric."""
 
-    # Prompts per evaluation (taken evenly across the split; 0 = no generation). A prompt is
-    # a document up to its last target span (the final assistant turn, or the completion).
     samples: int = Field(0, ge=0)
-    max_new_tokens: int = Field(16, ge=1)  # every rank runs exactly this many decode steps
-    micro_batch_size: int | None = Field(None, ge=1)  # default: train.micro_batch_size
-    # Also generate at every periodic evaluation (needed for eval.metric=exact_match);
-    # otherwise only for the baseline, the final evaluation and the test split.
+    """Prompts per evaluation (taken evenly across the split; 0 = no generation). A prompt is a document up to
+    its last target span (the final assistant turn, or the completion).
+    """
+    max_new_tokens: int = Field(16, ge=1)
+    """every rank runs exactly this many decode steps"""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """default: train.micro_batch_size"""
     every_eval: bool = True
+    """Also generate at every periodic evaluation (needed for eval.metric=exact_match); otherwise only for the
+    baseline, the final evaluation and the test split.
+    """
     examples: int = Field(3, ge=0)  # rank 0's first generations written to metrics.jsonl / TensorBoard
 
 
 class EvalSection(_Section):
-    # Evaluate the validation split every n optimizer steps (plus before step 1 and at the
-    # end). None = only before and after training.
     every: int | None = Field(None, ge=1)
-    batches: int | None = Field(None, ge=1)  # cap per validation evaluation (default: all of it)
-    test_batches: int | None = Field(None, ge=1)  # cap on the test evaluation (default: the whole split)
-    # Where evaluations run. train is for data without a validation split, and says so in the report.
+    """Evaluate the validation split every n optimizer steps (plus before step 1 and at the end). None = only
+    before and after training.
+    """
+    batches: int | None = Field(None, ge=1)
+    """cap per validation evaluation (default: all of it)"""
+    test_batches: int | None = Field(None, ge=1)
+    """cap on the test evaluation (default: the whole split)"""
     split: Literal["validation", "train"] = "validation"
-    # classification: fit TF-IDF + logistic regression on the training split as a reference row.
+    """Where evaluations run. train is for data without a validation split, and says so in the report."""
     classical: bool = True
-    # The metric that decides "best" and early stopping. auto: loss for causal_lm, f1_macro
-    # for classification. Any logged val/* metric name works (accuracy, perplexity, ...).
+    """classification: fit TF-IDF + logistic regression on the training split as a reference row."""
     metric: str = "auto"
-    mode: Literal["auto", "min", "max"] = "auto"  # auto: min for loss/perplexity, else max
-    patience: int | None = Field(None, ge=1)  # stop after this many evaluations without improvement
+    """The metric that decides "best" and early stopping. auto: loss for causal_lm, f1_macro for
+    classification. Any logged val/* metric name works (accuracy, perplexity, ...).
+    """
+    mode: Literal["auto", "min", "max"] = "auto"
+    """auto: min for loss/perplexity, else max"""
+    patience: int | None = Field(None, ge=1)
+    """stop after this many evaluations without improvement"""
     min_delta: float = Field(0.0, ge=0.0)
-    # Save a checkpoint whenever the metric improves (kept by retention) and evaluate the
-    # test split once at the end with it.
     save_best: bool = True
+    """Save a checkpoint whenever the metric improves (kept by retention) and evaluate the test split once at
+    the end with it.
+    """
     test_at_end: bool = True
     generate: GenerateSection = GenerateSection()
 
 
 class RunConfig(_Section):
     run: RunSection = RunSection()
-    # causal_lm: next-token loss on packed sequences. classification: one label per text,
-    # AutoModelForSequenceClassification with num_labels from the data. preference: DPO/IPO on
-    # chosen/rejected pairs prepared with data.prepare.format=preference (finetune.preference).
     task: Literal["causal_lm", "classification", "preference"] = "causal_lm"
+    """causal_lm: next-token loss on packed sequences. classification: one label per text,
+    AutoModelForSequenceClassification with num_labels from the data. preference: DPO/IPO on
+    chosen/rejected pairs prepared with data.prepare.format=preference (finetune.preference).
+    """
     model: ModelSection
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()

@@ -26,7 +26,14 @@ def test_embedded_default_is_the_demo():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    cfg = load_config(path)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        # Second stages (chat-sft.yaml, preference-dpo.yaml) start from the export their first stage
+        # writes under runs/: on a fresh clone that directory is the only thing allowed to be missing.
+        problems = [line for line in str(exc).splitlines()[1:] if line.strip()]
+        assert problems and all("no such file or directory: runs/" in line for line in problems), str(exc)
+        return
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
 
 
