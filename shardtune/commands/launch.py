@@ -31,16 +31,18 @@ def run(args, extra, parser) -> int:
 
     _check_counts(args)
     config_path, overrides, cfg = load_run_config(args, extra, parser)
-    _check_batch_split(cfg.train, args.nproc * args.nnodes)
     if args.mpirun:
         from shardtune.launch.mpi import mpirun_command, run_mpirun
 
         hosts = [h for h in (args.hosts or "").split(",") if h] or None
+        # mpirun starts --nproc ranks on each host; --nnodes is torchrun's and does not apply.
+        _check_batch_split(cfg.train, args.nproc * (len(hosts) if hosts else 1))
         cmd = mpirun_command(config_path, overrides, nproc=args.nproc, hosts=hosts, mpirun_args=args.mpirun_args)
         if args.dry_run:
             print(shlex.join(cmd))
             return 0
-        return run_mpirun(cmd)
+        return run_mpirun(cmd)  # the trainers' rank 0 holds the run directory's lock
+    _check_batch_split(cfg.train, args.nproc * args.nnodes)
     cmd = torchrun_command(
         config_path, overrides, nproc=args.nproc, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master, master_port=args.port,
@@ -77,5 +79,8 @@ def _check_counts(args) -> None:
                                ("--node-rank", args.node_rank, 0), ("--max-restarts", args.max_restarts, 0)):
         if value < least:
             raise ConfigError(f"{flag} must be at least {least} (got {value})")
+    if args.mpirun and args.nnodes != 1:
+        raise ConfigError("--nnodes is torchrun's: with --mpirun name the hosts with --hosts "
+                          "(--nproc ranks start on each)")
     if args.node_rank >= args.nnodes:
         raise ConfigError(f"--node-rank {args.node_rank} is not below --nnodes {args.nnodes}")

@@ -85,6 +85,20 @@ def test_launch_mpirun_command_and_forwarded_environment():
     assert mpirun_command(None, [], nproc=3, environ={})[:3] == ["mpirun", "-np", "3"]
 
 
+
+def test_launch_mpirun_checks_the_batch_split_against_every_hosts_ranks(capsys):
+    from shardtune.cli import main
+
+    # 2 hosts x --nproc 2 = 4 ranks: 6 samples split into 2 ranks but not into 4.
+    argv = ["launch", str(TINY), "--mpirun", "--hosts", "a,b", "--nproc", "2", "--dry-run",
+            "train.micro_batch_size=1"]
+    assert main([*argv, "train.global_batch_size=6"]) == 2
+    assert "must split into 4 ranks" in capsys.readouterr().err
+    assert main([*argv, "train.global_batch_size=8"]) == 0
+    assert capsys.readouterr().out.startswith("mpirun -np 4 -H a:2,b:2 ")
+    assert main(["launch", str(TINY), "--mpirun", "--nnodes", "2", "--dry-run"]) == 2
+    assert "with --mpirun name the hosts with --hosts" in capsys.readouterr().err
+
 def test_slurm_mpi_launcher_renders_srun_with_pmix_and_no_master_addr(tmp_path):
     job = SlurmJob(config=tmp_path / "c.yaml", overrides=(), nodes=2, gpus_per_node=0, run_name="r",
                    output_dir=tmp_path / "out", workdir=tmp_path, launcher="mpi")
