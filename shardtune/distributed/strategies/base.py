@@ -52,7 +52,13 @@ class Strategy(ABC):
     # override this to build on ``meta`` and load only their shards in ``setup``.
 
     def build_model(self, tokenizer, label_names: list[str] | None = None) -> torch.nn.Module:
-        """The plain model for ``setup`` (call after ``torch.manual_seed``)."""
+        """The model for ``setup`` (call after ``torch.manual_seed``): the full build, unless a
+        sharding strategy builds on ``meta``."""
+        return self.full_build(tokenizer, label_names)
+
+    def full_build(self, tokenizer, label_names: list[str] | None = None) -> torch.nn.Module:
+        """The whole model on every rank. Not ``build_model``: strategies that override it to
+        build on meta fall back to this one."""
         from shardtune.models.loading import build_model
 
         cfg = self.cfg
@@ -68,13 +74,13 @@ class Strategy(ABC):
         if cfg.finetune.strategy == "lora":
             # PEFT adds and initialises its adapters after the build, outside the replay.
             self.load_note = "full build (finetune.strategy=lora)"
-            return self.build_model(tokenizer, label_names)
+            return self.full_build(tokenizer, label_names)
         try:
             model, self.weights = build_meta_model(cfg.model, tokenizer, task=cfg.task,
                                                    label_names=label_names, dropout=cfg.finetune.dropout)
         except NotShardable as why:
             self.load_note = f"full build ({why})"
-            return self.build_model(tokenizer, label_names)
+            return self.full_build(tokenizer, label_names)
         self.load_note = "sharded: meta build, " + (
             "shards read from safetensors" if self.weights.checkpoint else "shards initialised")
         return model
