@@ -101,13 +101,7 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
         checkpointer.pinned = {tracker.best_step}  # retention must still keep the best
     start_step = progress.step
     log.start_at(start_step)
-    result = TrainResult(
-        steps=start_step, start_step=start_step, log_dir=str(log.tensorboard_dir), task=cfg.task,
-        finetune=cfg.finetune.strategy, total_params=parts.plan.total_params,
-        trainable_params=parts.plan.trainable_params, eval_metric=cfg.eval_metric,
-        resumed_from=str(resume_path) if resume_path else None,
-        peak_host_memory_mib=parts.peak_host_memory_mib,
-    )
+    result = _new_result(cfg, parts, log, resume_path, start_step)
     log.log(start_step, {"peak_host_memory_mib": parts.peak_host_memory_mib}, kind="load")  # once
     throughput = Throughput(cfg, parts, ctx.device)
     log.message(_start_line(cfg, ctx, parts, resume_path, start_step))
@@ -237,6 +231,16 @@ class Throughput:
 
     def wall_seconds(self) -> float:
         return time.perf_counter() - self.run_start
+
+
+def _new_result(cfg: RunConfig, parts, log: MetricsLogger, resume_path, start_step: int) -> TrainResult:
+    return TrainResult(
+        steps=start_step, start_step=start_step, log_dir=str(log.tensorboard_dir), task=cfg.task,
+        finetune=cfg.finetune.strategy, total_params=parts.plan.total_params,
+        trainable_params=parts.plan.trainable_params, eval_metric=cfg.eval_metric,
+        resumed_from=str(resume_path) if resume_path else None,
+        peak_host_memory_mib=parts.peak_host_memory_mib,
+    )
 
 
 def _start_line(cfg: RunConfig, ctx, parts, resume_path, start_step: int) -> str:
