@@ -333,6 +333,8 @@ def _print_summary(result: TrainResult, cfg: RunConfig) -> None:
     print(
         "\n".join([
             f"finished: {result.steps} steps ({result.stopped_reason}), {result.tokens_per_s:,.0f} tokens/s",
+            f"  model           {_model_name(cfg)}, {cfg.finetune.strategy} fine-tune, "
+            f"{result.trainable_params:,} of {result.total_params:,} parameters trained",
             f"  train loss      {first:.4f} (first step) -> {last:.4f} (last step)",
             f"  validation loss {result.val_before:.4f} (before) -> {result.val_after:.4f} (after)",
             *_metric_lines(result),
@@ -344,6 +346,12 @@ def _print_summary(result: TrainResult, cfg: RunConfig) -> None:
         ]),
         flush=True,
     )
+
+
+def _model_name(cfg: RunConfig) -> str:
+    if cfg.model.name_or_path:
+        return cfg.model.name_or_path
+    return f"{cfg.model.config.get('model_type', 'model')} built from model.config"
 
 
 def _metric_lines(result: TrainResult) -> list[str]:
