@@ -37,14 +37,8 @@ from shardtune.data.prepare_checks import (
     resolve_length_limits,
 )
 from shardtune.data.prepare_workers import parse_and_encode_in_workers, parse_or_reject
-from shardtune.data.records import (
-    BadRecord,
-    NearDuplicateIndex,
-    Record,
-    check_input_file,
-    parse_record,
-    read_raw_records,
-)
+from shardtune.data.readers import check_input_file, read_raw_records
+from shardtune.data.records import BadRecord, NearDuplicateIndex, Record, parse_record
 from shardtune.data.report import Accounting, write_report
 from shardtune.data.shards import (
     FORMAT_VERSION,

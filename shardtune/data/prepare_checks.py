@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shardtune.config import DataSection, PrepareSection
-from shardtune.data.records import BadRecord, RecordRules, check_auto_format, parse_record, read_raw_records
+from shardtune.data.readers import read_raw_records
+from shardtune.data.records import BadRecord, RecordRules, check_auto_format, parse_record
 from shardtune.errors import DataError
 
 # English BPE averages ~4 characters per token; 32 is eight times that, so a record over

@@ -101,13 +101,7 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
         checkpointer.pinned = {tracker.best_step}  # retention must still keep the best
     start_step = progress.step
     log.start_at(start_step)
-    result = TrainResult(
-        steps=start_step, start_step=start_step, log_dir=str(log.tensorboard_dir), task=cfg.task,
-        finetune=cfg.finetune.strategy, total_params=parts.plan.total_params,
-        trainable_params=parts.plan.trainable_params, eval_metric=cfg.eval_metric,
-        resumed_from=str(resume_path) if resume_path else None,
-        peak_host_memory_mib=parts.peak_host_memory_mib,
-    )
+    result = _new_result(cfg, parts, log, resume_path, start_step)
     log.log(start_step, {"peak_host_memory_mib": parts.peak_host_memory_mib}, kind="load")  # once
     throughput = Throughput(cfg, parts, ctx.device)
     log.message(_start_line(cfg, ctx, parts, resume_path, start_step))
@@ -239,6 +233,16 @@ class Throughput:
         return time.perf_counter() - self.run_start
 
 
+def _new_result(cfg: RunConfig, parts, log: MetricsLogger, resume_path, start_step: int) -> TrainResult:
+    return TrainResult(
+        steps=start_step, start_step=start_step, log_dir=str(log.tensorboard_dir), task=cfg.task,
+        finetune=cfg.finetune.strategy, total_params=parts.plan.total_params,
+        trainable_params=parts.plan.trainable_params, eval_metric=cfg.eval_metric,
+        resumed_from=str(resume_path) if resume_path else None,
+        peak_host_memory_mib=parts.peak_host_memory_mib,
+    )
+
+
 def _start_line(cfg: RunConfig, ctx, parts, resume_path, start_step: int) -> str:
     return (
         f"shardtune: {parts.strategy.name} on {ctx.world_size} rank(s) ({ctx.backend}), "
@@ -329,6 +333,8 @@ def _print_summary(result: TrainResult, cfg: RunConfig) -> None:
     print(
         "\n".join([
             f"finished: {result.steps} steps ({result.stopped_reason}), {result.tokens_per_s:,.0f} tokens/s",
+            f"  model           {_model_name(cfg)}, {cfg.finetune.strategy} fine-tune, "
+            f"{result.trainable_params:,} of {result.total_params:,} parameters trained",
             f"  train loss      {first:.4f} (first step) -> {last:.4f} (last step)",
             f"  validation loss {result.val_before:.4f} (before) -> {result.val_after:.4f} (after)",
             *_metric_lines(result),
@@ -340,6 +346,12 @@ def _print_summary(result: TrainResult, cfg: RunConfig) -> None:
         ]),
         flush=True,
     )
+
+
+def _model_name(cfg: RunConfig) -> str:
+    if cfg.model.name_or_path:
+        return cfg.model.name_or_path
+    return f"{cfg.model.config.get('model_type', 'model')} built from model.config"
 
 
 def _metric_lines(result: TrainResult) -> list[str]:

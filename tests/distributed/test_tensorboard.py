@@ -32,4 +32,5 @@ def test_single_event_file_with_expected_tags(tmp_path):
     assert peak.value == pytest.approx(run.result["peak_host_memory_mib"]) and peak.value > 100
     # The progress bar and summary come from rank 0 only.
     assert run.stdout.count("finished: 8 steps") == 1
+    assert "  model           llama built from model.config, full fine-tune, " in run.stdout  # which model
     assert "tensorboard --logdir" in run.stdout

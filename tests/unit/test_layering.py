@@ -4,7 +4,7 @@ circle hidden inside a function is still a circle).
 
 The layers, bottom to top (docs/architecture.md draws them):
 
-  L0  config, errors, faults, integrity, run_dirs
+  L0  config/, errors, faults, integrity, run_dirs
   L1  distributed/{environment, process_group, collectives, watchdog, ...}, optim, data/tokenizer
   L2  data/, distributed/strategies/, checkpoint/, models/, tasks, preference
   L3  eval/, train/
