@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "preference-cpu"))
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-preference"))
     args = parser.parse_args(argv)
+    load_at_start = os.getloadavg()[0]
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    # A previous bench's run directories would be resumed from their last checkpoint.
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     prepared, tokenizer_dir = prepare(work)
     model_dir = initial_model(tokenizer_dir, work / "initial-model")
     config = shardtune_config(work, model_dir, prepared, args.steps)
@@ -153,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         r["agrees"] = r["max_rel_diff_vs_shardtune_1"] <= REL_TOLERANCE
     result = {"reference": f"TRL {trl['trl_version']} DPOTrainer", "steps": args.steps, "hparams": HPARAMS,
               "tolerance_rel": REL_TOLERANCE, "tokenization_identical": f"{trl['tokenization_identical']}/{trl['pairs']}",
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared, loaded)", "runs": runs}
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, 1-min load average {load_at_start:.2f} "
+                         "at the start (the runs are side by side, so the ratio holds; absolute rates less)",
+              "runs": runs}
     Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
     Path(args.out + ".md").write_text(markdown(result))
     print(markdown(result))
