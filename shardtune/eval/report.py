@@ -255,6 +255,13 @@ def _budget(config: dict) -> str:
     return f"train.max_steps={steps}"
 
 
+def _evaluated_on(config: dict) -> str:
+    if config.get("eval", {}).get("split") == "train":
+        return ("**training split** (eval.split=train: the data has no validation split, so these numbers "
+                "measure fit, not generalisation)")
+    return "validation split"
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     result = read_json_object(run_dir / "result.json", ConfigError, "run result")
@@ -274,7 +281,7 @@ def write_report(run_dir: str | Path) -> Path:
     model = config.get("model", {}).get("name_or_path") or f"a {config.get('model', {}).get('config', {}).get('model_type', '?')} built from its config"
     objective = (f"Fine-tune {model} for **{task.replace('_', ' ')}** with the **{ft.get('strategy', 'full')}** "
                  f"strategy, and measure the improvement over the baseline (the same model before any "
-                 f"update) on the validation split; selection metric: val `{result.get('eval_metric')}`.")
+                 f"update) on the {_evaluated_on(config)}; selection metric: val `{result.get('eval_metric')}`.")
     lines = [
         f"# Run report: {config.get('run', {}).get('name', run_dir.name)}", "",
         "## Objective", "", objective, "",

@@ -51,3 +51,22 @@ def test_remote_code_model_is_refused_in_one_line_and_its_code_never_runs(tmp_pa
     assert f"model.name_or_path={model} ships its own Python code" in out.stderr, out.stderr[-3000:]
     assert "model.trust_remote_code=true" in out.stderr and "Traceback" not in out.stderr
     assert not sentinel.exists()
+
+
+def test_prepared_data_without_a_validation_split_is_an_error_unless_eval_split_says_train(tmp_path):
+    from shardtune.data.synthetic_tasks import main as generate_tickets
+
+    data = tmp_path / "tickets.jsonl"
+    generate_tickets([str(data), "--records", "200"])
+    prepared = tmp_path / "prep"
+    prep = _shardtune("data", "prepare", TINY, data, f"data.prepared_dir={prepared}", "--no-progress",
+                      "data.prepare.splits.train=0.9", "data.prepare.splits.validation=0", "data.prepare.splits.test=0.1")
+    assert prep.returncode == 0, prep.stderr
+    run = ["train", TINY, "data.source=prepared", f"data.prepared_dir={prepared}",
+           f"tokenizer.name_or_path={prepared / 'tokenizer'}", "train.max_steps=2"]
+    refused = _shardtune(*run, f"run.output_dir={tmp_path / 'refused'}")
+    assert refused.returncode == 2, refused.stderr
+    assert "the data has no validation split" in refused.stderr and "eval.split=train" in refused.stderr
+    on_train = _shardtune(*run, f"run.output_dir={tmp_path / 'on-train'}", "eval.split=train")
+    assert on_train.returncode == 0, on_train.stderr
+    assert "on the **training split** (eval.split=train" in (tmp_path / "on-train" / "report.md").read_text()
