@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import run_shardtune
+
 from faults.test_nonfinite_loss import decisions
 
 pytestmark = pytest.mark.distributed

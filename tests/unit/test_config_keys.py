@@ -25,7 +25,7 @@ def test_key_space_matches_the_snapshot():
     pinned = SNAPSHOT.read_text()
     added = sorted(set(current.splitlines()) - set(pinned.splitlines()))
     removed = sorted(set(pinned.splitlines()) - set(current.splitlines()))
-    assert not added and not removed, f"config keys changed (make snapshots):\n+ " + "\n+ ".join(added) + \
+    assert not added and not removed, "config keys changed (make snapshots):\n+ " + "\n+ ".join(added) + \
         "\n- " + "\n- ".join(removed)
 
 
