@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from throughput import Measurement
+    from throughput_jobs import Measurement
 
 # --------------------------------------------------------------------------------------
 # Report
