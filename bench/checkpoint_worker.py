@@ -47,7 +47,7 @@ def async_save(ckpt, step: int) -> dict[str, float]:
     written = time.perf_counter()
     dist.barrier()
     commit_start = time.perf_counter()
-    ckpt.wait()  # what commit_finished_save does once every rank's write is done
+    ckpt.wait()  # what commit_finished_save does once every rank's background work is done
     commit = time.perf_counter() - commit_start
     return {"save_call_s": slowest_rank(staged - start), "background_s": slowest_rank(written - staged),
             "commit_s": slowest_rank(commit), "blocked_s": slowest_rank(staged - start + commit),
@@ -70,8 +70,8 @@ def main() -> None:
     if mode == "save":
         results["sync_save_s"] = timed(lambda: ckpt.save(1, blocking=True))
         # Two asynchronous saves: the first allocates the staging buffer, the second is every
-        # later save of the run. The loop is blocked in save() (staging) and again when it
-        # commits (rank files, manifest, rename); the writes in between run in the background.
+        # later save of the run. The loop is blocked in save() (staging) and, briefly, when it
+        # takes the outcome; the writes and the commit (manifest, rename) run in the background.
         for label, step in (("first_async", 2), ("async", 3)):
             results.update({f"{label}_{k}": v for k, v in async_save(ckpt, step).items()})
         results["load_s"] = timed(lambda: ckpt.load(cfg.checkpoint_dir / "step-00000003"))

@@ -172,30 +172,27 @@ class Checkpointer:
         writer = FileSystemWriter(str(tmp), sync_files=True)
         if blocking or not self.cfg.async_save:
             outcome: Future = Future()
-            try:
-                faults.HOOKS.signal_point("save", self.ctx.rank, step)
-                outcome.set_result(self._write(state, writer, tmp, snapshot))
-            except SAVE_ERRORS as exc:  # disk full, permissions, a peer's write error
-                outcome.set_exception(exc)
-            self.pending = (outcome, step, tmp, final, snapshot)
+            faults.HOOKS.signal_point("save", self.ctx.rank, step)
+            outcome.set_result(self._write_and_commit(state, writer, step, tmp, final, snapshot))
+            self.pending = (outcome, step)
             self.last_blocking_s = time.perf_counter() - start
-            self._commit()
+            self._finish()
         else:
             # The loop waits for the copy into the staging buffer only; planning, writing,
-            # fsync and checksums run on the writer thread (its collectives on io_group).
+            # fsync, checksums and the commit itself run on the writer thread (its collectives
+            # on io_group), so a save costs the loop one memory copy.
             staged = self._staging.stage(state)
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardtune-ckpt")
-            future = self._writer.submit(self._write, staged, writer, tmp, snapshot)
+            future = self._writer.submit(self._write_and_commit, staged, writer, step, tmp, final, snapshot)
             faults.HOOKS.signal_point("save", self.ctx.rank, step)  # the writes are in flight
-            self.pending = (future, step, tmp, final, snapshot)
+            self.pending = (future, step)
             self.last_blocking_s = time.perf_counter() - start
 
     def _write(self, state: dict, writer: FileSystemWriter, tmp: Path, snapshot: dict) -> dict:
         """Everything of a save that needs no other rank: this rank's shards and RNG file, and
         on rank 0 the trainer state, export extras and tensor shapes; their sizes and sha256.
-        Runs on the writer thread for an asynchronous save, so the commit left to the loop
-        is the agreement, the manifest and the renames."""
+        Runs on the writer thread for an asynchronous save."""
         dcp.save(state, storage_writer=writer, process_group=self.io_group)
         rng_file = f"rng/rank-{self.ctx.rank:05d}.json"
         make_run_dir(tmp / "rng")
@@ -211,34 +208,44 @@ class Checkpointer:
         return written
 
     def commit_finished_save(self) -> None:
-        """Commit the in-flight save once every rank's background write has finished."""
+        """Take the outcome of the in-flight save once every rank's background work is done."""
         if self.pending is None:
             return
         future = self.pending[0]
-        done = torch.tensor([1.0 if future is None or future.done() else 0.0])
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # every rank must agree to commit
+        done = torch.tensor([1.0 if future.done() else 0.0])
+        # Every rank must take the outcome at the same step: a failed save with
+        # on_save_error=stop raises, and a rank raising alone would leave the others waiting.
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if done.item() == 1.0:
-            self._commit()
+            self._finish()
 
     def wait(self) -> None:
         if self.pending is not None:
-            self._commit()
+            self._finish()
 
-    def _commit(self) -> None:
-        """Finish the in-flight save on every rank; a failure anywhere fails it everywhere."""
-        future, step, tmp, final, snapshot = self.pending
+    def _finish(self) -> None:
+        future, step = self.pending
         self.pending = None
+        errors = future.result()  # the same list on every rank: rank 0 broadcast it
+        if errors:
+            self._save_failed(step, errors)
+
+    def _write_and_commit(self, state: dict, writer: FileSystemWriter, step: int, tmp: Path, final: Path,
+                          snapshot: dict) -> list[str]:
+        """Write this rank's part, then commit on every rank together: rank 0 writes the
+        manifest and renames; a failure anywhere fails the save everywhere. Returns the errors
+        (none: committed). Its collectives use io_group, so it may run on the writer thread."""
         rank = self.ctx.rank
-        described, error = None, None
+        written, described, error = None, None, None
         try:
-            written = future.result()  # re-raises this rank's write error
+            written = self._write(state, writer, tmp, snapshot)
             faults.HOOKS.kill_point("after_write", step)
             described = written["files"]
             faults.HOOKS.signal_point("commit", rank, step)
-        except SAVE_ERRORS as exc:
+        except SAVE_ERRORS as exc:  # disk full, permissions, a peer's write error
             error = f"rank {rank}: {_describe_error(exc)}"
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
-        dist.gather_object((described, error), gathered, dst=0)
+        dist.gather_object((described, error), gathered, dst=0, group=self.io_group)
         errors = [None]
         if self.ctx.is_main:
             errors[0] = [e for _, e in gathered if e]
@@ -255,9 +262,8 @@ class Checkpointer:
                     errors[0] = [f"rank 0: {type(exc).__name__}: {exc}"]
             if errors[0]:
                 shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
-        dist.broadcast_object_list(errors, src=0)
-        if errors[0]:
-            self._save_failed(step, errors[0])
+        dist.broadcast_object_list(errors, src=0, group=self.io_group)
+        return errors[0]
 
     def _save_failed(self, step: int, errors: list[str]) -> None:
         # A full disk often surfaces as a short write inside torch.save ("unexpected pos"),
@@ -300,7 +306,7 @@ class Checkpointer:
         # a directory of the same step that an earlier retention pass found invalid.
         self._validity[str(self.root / step_dir_name(newest))] = True
         for c in retention_victims(list_checkpoints(self.root), newest=newest, keep_last=self.cfg.keep_last,
-                                   keep_every=self.cfg.keep_every, pinned=self.pinned, is_valid=self._is_valid):
+                                   keep_every=self.cfg.keep_every, pinned=set(self.pinned), is_valid=self._is_valid):
             shutil.rmtree(c.path, ignore_errors=True)
 
     def _is_valid(self, c: CheckpointInfo) -> bool:
