@@ -13,5 +13,5 @@ def run(args, extra, parser) -> int:
     from shardtune.eval.report import write_report
 
     reject_stray(parser, extra)
-    print(write_report(args.run_dir))
+    print(write_report(args.run_dir, plots=True))
     return 0

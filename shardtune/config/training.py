@@ -129,6 +129,9 @@ class MetricsSection(Section):
     read metrics.jsonl. wandb and mlflow are extras (shardtune[wandb], [mlflow]).
     """
     progress_bar: bool = True
+    plots: bool = True
+    """loss.png and metrics.png beside report.md at the end of a run (about 1.5 s on one CPU core);
+    ``shardtune report RUN_DIR`` draws them later for a run that skipped them."""
     peak_tflops_per_rank: float | None = Field(None, gt=0)
     """Peak dense FLOP/s per rank for MFU; None = measured (CPU) or looked up (known GPUs)."""
 

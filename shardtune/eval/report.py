@@ -262,7 +262,8 @@ def _evaluated_on(config: dict) -> str:
     return "validation split"
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, plots: bool | None = None) -> Path:
+    """``plots``: draw the curves; None = as the run's metrics.plots says."""
     run_dir = Path(run_dir)
     result = read_json_object(run_dir / "result.json", ConfigError, "run result")
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
@@ -274,7 +275,9 @@ def write_report(run_dir: str | Path) -> Path:
     if "exact_match" in (result.get("baseline") or result.get("final") or {}):
         keys.append("exact_match")
     records = read_metrics(run_dir)
-    plots = plot_curves(run_dir, records, keys, config)
+    if plots is None:
+        plots = (config.get("metrics") or {}).get("plots", True)
+    drawn = plot_curves(run_dir, records, keys, config) if plots else []
     classical_file = run_dir / "classical.json"
     classical = json.loads(classical_file.read_text()) if classical_file.is_file() else None
     ft = config.get("finetune", {})
@@ -303,7 +306,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["", "Test confusion matrix (best checkpoint):", "", confusion_markdown(test_conf, summary["labels"])]
     lines += warnings_section(summary, records)
     lines += _generations_section(records)
-    lines += ["", "## Curves", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Curves", ""] + ([f"![{p}]({p})" for p in drawn] if drawn else
+                                      ["Not drawn (metrics.plots=false): `shardtune report` draws them."])
     lines += ["", "## Data", ""] + _data_section(summary)
     lines += ["", "## Config", "", "```yaml", config_text.rstrip(), "```", ""]
     out = run_dir / "report.md"

@@ -30,7 +30,7 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     cmd = [sys.executable, "-m", "shardtune", "sweep", str(TINY_CLASSIFY),
            "--grid", "finetune.strategy=frozen_head,lora", "--out", str(out),
-           "train.max_steps=4", "eval.every=2", "eval.batches=1"]
+           "train.max_steps=4", "eval.every=2", "eval.batches=1", "metrics.plots=true"]
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out

@@ -111,6 +111,22 @@ def test_report_shows_the_classical_reference_and_truncation_counts(tmp_path):
     assert "budget train.epochs=2)" in report
 
 
+def test_metrics_plots_false_skips_the_curves_and_the_report_command_draws_them(tmp_path):
+    from shardtune.eval.report import write_report
+
+    run_dir = tmp_path / "run"
+    _write_run(run_dir, classical=False, records=_records([3.0, 2.0], [1.0, 0.8]), summary={})
+    (run_dir / "config.yaml").write_text("run: {name: r}\nmetrics: {plots: false}\n")
+    report = write_report(run_dir).read_text()
+    assert not list(run_dir.glob("*.png"))
+    assert "Not drawn (metrics.plots=false)" in report and "![" not in report
+    proc = subprocess.run([sys.executable, "-m", "shardtune", "report", str(run_dir)], capture_output=True,
+                          text=True, env=run_env(), cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "![loss.png](loss.png)" in (run_dir / "report.md").read_text()
+    assert (run_dir / "loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_sweep_table_and_plot_carry_the_baseline_and_the_classical_reference(tmp_path):
     from shardtune.sweep import collect_row, write_tables
 
