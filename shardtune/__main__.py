@@ -1,5 +1,3 @@
-import sys
+from shardtune.cli import entry
 
-from shardtune.cli import main
-
-sys.exit(main())
+entry()

@@ -42,5 +42,33 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
+def entry() -> None:
+    """The ``shardtune`` executable (and ``python -m shardtune``): ``main``, then an exit that
+    skips the interpreter's teardown once the command has returned.
+
+    Freeing torch's and transformers' thousands of modules and C++ objects costs 1-1.5 s per
+    process after the work is done (measured on a tiny run: 1.47 s of 10.6 s), paid by every
+    rank and the launcher, and gloo's destructors sometimes abort in it ("terminate called
+    without an active exception"). What a clean exit owes is still done: non-daemon threads
+    are joined, atexit handlers run (trackers, logging, multiprocessing children) and the
+    standard streams are flushed. An exception still takes the ordinary path, traceback included.
+    """
+    import atexit
+    import os
+    import threading
+
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
