@@ -136,15 +136,19 @@ def forward_to_workers(signum: int, parent: int, wait_s: float = 30.0, poll_s: f
     """Pass a signal the launcher got on to its trainers. torchrun puts each worker in its own
     session, so a Ctrl-C or a SIGTERM to the launcher's process group never reaches them. A
     trainer still starting up (no handler yet) is waited for: the default action would kill it
-    instead of saving; with ``force`` (a second Ctrl-C) none is. Returns how many were signalled."""
+    instead of saving. With ``force`` (a second Ctrl-C) each gets SIGKILL: a trainer blocked in a
+    collective (a peer stalled, often why Ctrl-C is pressed twice) runs no Python signal handler
+    until the collective times out, so the trainer's own "second SIGINT aborts" never fires there.
+    A save cut short stays a ``.tmp-*`` directory. Returns how many were signalled."""
     deadline = time.monotonic() + wait_s
     signalled: set[int] = set()
+    sent = signal.SIGKILL if force else signum
     while True:
         pending = [t.pid for t in worker_trainers(parent) if t.pid not in signalled]
         for pid in pending:
             if force or catches_signal(pid, signum):
                 try:
-                    os.kill(pid, signum)
+                    os.kill(pid, sent)
                     signalled.add(pid)
                 except ProcessLookupError:
                     pass

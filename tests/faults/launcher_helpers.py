@@ -10,10 +10,11 @@ from pathlib import Path
 from conftest import ROOT, TINY, run_env
 
 
-def start_launch(out_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+def start_launch(out_dir: Path, *overrides: str, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "shardtune", "launch", str(TINY), "--nproc", str(nproc),
            f"run.output_dir={out_dir}", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=run_env(**(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def wait_until_training(launcher: subprocess.Popen, out_dir: Path, timeout: float = 240) -> None:

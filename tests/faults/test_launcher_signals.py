@@ -39,7 +39,11 @@ def test_stop_signal_to_launcher_saves_and_exits_75(tmp_path, sig):
 
 
 def test_second_sigint_aborts_at_once_and_leaves_nothing_half_committed(tmp_path):
-    launcher = start_launch(tmp_path, STEPS, "checkpoint.every_steps=1", "checkpoint.keep_last=400")
+    # Rank 1 stalls before step 3's agreement, so the first Ctrl-C's save cannot finish (on a
+    # tiny model an unstalled save did, before the second press) and rank 0 sits inside the
+    # collective, where only a kill reaches it.
+    launcher = start_launch(tmp_path, STEPS, "checkpoint.every_steps=1", "checkpoint.keep_last=400",
+                            env={"SHARDTUNE_FAULT_STALL": "3:1:600"})
     wait_until_training(launcher, tmp_path)
     os.kill(launcher.pid, signal.SIGINT)
     time.sleep(1.0)  # two presses, not one coalesced signal
