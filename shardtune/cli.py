@@ -63,12 +63,21 @@ def entry() -> None:
     # then a join of every non-daemon thread. Joining without the hooks waits forever.
     threading._shutdown()
     atexit._run_exitfuncs()
+    _finalize_mpi()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
             pass
     os._exit(code if isinstance(code, int) else 0)
+
+
+def _finalize_mpi() -> None:
+    """mpi4py finalizes MPI from a C-level exit hook (``Py_AtExit``), which ``os._exit`` skips;
+    mpirun reports a rank that exits without it as a failure of the whole job."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 if __name__ == "__main__":
