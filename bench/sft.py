@@ -255,7 +255,7 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; load average {m['load_average_before']} before, "
         f"{m['load_average_after']} after; torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}. "
         "Other processes shared the machine (the 'other CPU load' column): compare rows, not absolute rates.",
-        f"Command: `.venv/bin/python bench/sft.py {' '.join(m['argv'])}`".rstrip()]
+        f"Command: `{' '.join(['.venv/bin/python bench/sft.py', *m['argv']])}`"]
     return "\n".join(lines) + "\n"
 
 
