@@ -47,7 +47,10 @@ def async_save(ckpt, step: int) -> dict[str, float]:
     written = time.perf_counter()
     dist.barrier()
     commit_start = time.perf_counter()
-    ckpt.wait()  # what commit_finished_save does once every rank's background work is done
+    # What the loop calls at the next step: the all-reduce that agrees every rank's write (and,
+    # on the writer thread, the commit) is done, then taking the outcome.
+    ckpt.commit_finished_save()
+    assert ckpt.pending is None, "every rank's save was done, so the outcome must have been taken"
     commit = time.perf_counter() - commit_start
     return {"save_call_s": slowest_rank(staged - start), "background_s": slowest_rank(written - staged),
             "commit_s": slowest_rank(commit), "blocked_s": slowest_rank(staged - start + commit),

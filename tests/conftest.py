@@ -154,3 +154,28 @@ def pytest_terminal_summary(terminalreporter):
         mean = sum(d for _, d in results) / len(results)
         lines.append(f"| {scenario} | {len(results)} | {survived} | {lost} | {mean:.1f} |")
     terminalreporter.write_line("\n".join(lines))
+
+
+# ---- parallel runs (pytest-xdist, `make test`) -----------------------------------------------
+def _weight(item) -> int:
+    """0: minutes-long (slow), 1: starts ranks, 2: in-process."""
+    if item.get_closest_marker("slow"):
+        return 0
+    return 1 if item.get_closest_marker("cluster") or item.get_closest_marker("distributed") else 2
+
+
+def pytest_collection_modifyitems(config, items):
+    # One group per test file, so a module's fixtures (a reference run, prepared data) are built
+    # once, on one worker. The cluster tests share one set of network namespaces and SLURM
+    # daemons (a session fixture per worker would bring up a second cluster under the same
+    # names): one group for all of them, run in order on one worker while the other takes the rest.
+    for item in items:
+        group = "cluster" if item.get_closest_marker("cluster") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    # Longest files first, the in-process ones last: they fill the gaps at the end instead of
+    # one worker idling behind a minutes-long real-model test (a stable sort keeps each file whole).
+    weight: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        weight[path] = min(weight.get(path, 2), _weight(item))
+    items.sort(key=lambda item: weight[item.nodeid.split("::")[0]])
