@@ -19,15 +19,13 @@ import re
 import time
 from datetime import timedelta
 
+from shardtune.errors import CollectiveTimeoutError
+
 # The restart count keeps a report from an earlier attempt (torchelastic keeps its store
 # across restarts) from passing for a live rank of this one.
 _KEY = "shardtune/stall/{restart}/{rank}"
 _FAILURE = re.compile(r"timed out|timeout|connection closed by peer|connection reset|broken pipe", re.I)
 _last_step: int | None = None
-
-
-class CollectiveTimeoutError(RuntimeError):
-    pass
 
 
 def _store():

@@ -25,6 +25,8 @@ def test_stalled_rank_is_named_within_the_timeout(tmp_path):
     assert run.returncode != 0
     assert "suspect: rank 1 (last synchronised at step 2, others at 3)" in run.stderr, run.stderr[-3000:]
     assert f"within {TIMEOUT_S} s" in run.stderr
+    # One line from the rank, exit code 5 from errors.py's table, not a Python traceback.
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
     # Start-up (imports, tokenizer, first steps) plus one timeout, not the 600 s sleep.
     assert elapsed < 120, elapsed
 
