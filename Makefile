@@ -84,11 +84,11 @@ warm: $(MODEL_STAMP)
 	$(PY) -m shardtune.distributed.warm
 
 # Two pytest workers (pytest-xdist): most tests wait on process start-up, rendezvous and
-# timeouts, so a second one fills the idle core (23-25 min -> ~20 on 2 cores). Each test file
-# stays on one worker, and the cluster tests all on one (tests/conftest.py).
+# timeouts, so a second one fills the idle core (23-25 min -> ~19 on 2 cores). Each test file
+# stays whole on one worker; the longest files go first (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: warm
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # In-process tests only (no torchrun ranks, no cluster): a minute or two.
 test-fast: $(STAMP)

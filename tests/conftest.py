@@ -156,7 +156,7 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line("\n".join(lines))
 
 
-# ---- parallel runs (pytest-xdist, `make test`) -----------------------------------------------
+# ---- parallel runs (pytest-xdist --dist loadfile, `make test`) ---------------------------------
 def _weight(item) -> int:
     """0: minutes-long (slow), 1: starts ranks, 2: in-process."""
     if item.get_closest_marker("slow"):
@@ -165,15 +165,12 @@ def _weight(item) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    # One group per test file, so a module's fixtures (a reference run, prepared data) are built
-    # once, on one worker. The cluster tests share one set of network namespaces and SLURM
-    # daemons (a session fixture per worker would bring up a second cluster under the same
-    # names): one group for all of them, run in order on one worker while the other takes the rest.
-    for item in items:
-        group = "cluster" if item.get_closest_marker("cluster") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-    # Longest files first, the in-process ones last: they fill the gaps at the end instead of
-    # one worker idling behind a minutes-long real-model test (a stable sort keeps each file whole).
+    # Each file runs whole on one worker (--dist loadfile), so a module's fixtures (a reference
+    # run, prepared data) are built once. Files go out in this order: longest first, the
+    # in-process ones last, so they fill the gaps at the end instead of one worker idling behind
+    # a minutes-long real-model test. The sort is stable: each file stays whole and in order.
+    # Two cluster files may run at once on the two workers: each worker brings up its own
+    # cluster, under its own network-namespace prefix (tests/cluster/net-up.sh).
     weight: dict[str, int] = {}
     for item in items:
         path = item.nodeid.split("::")[0]
