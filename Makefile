@@ -84,7 +84,7 @@ warm: $(MODEL_STAMP)
 	$(PY) -m shardtune.distributed.warm
 
 # Two pytest workers (pytest-xdist): most tests wait on process start-up, rendezvous and
-# timeouts, so a second one fills the idle core (23-25 min -> ~19 on 2 cores). Each test file
+# timeouts, so a second one fills the idle core (23-25 min -> ~18 on 2 cores). Each test file
 # stays whole on one worker; the longest files go first (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: warm
