@@ -53,11 +53,18 @@ def entry() -> None:
     are stopped and joined, atexit handlers run (trackers, logging, multiprocessing children) and the
     standard streams are flushed. An exception still takes the ordinary path, traceback included.
     """
-    import atexit
     import os
-    import threading
 
     code = main()
+    release_process()
+    os._exit(code if isinstance(code, int) else 0)
+
+
+def release_process() -> None:
+    """What a clean interpreter exit does that still matters once a command has returned."""
+    import atexit
+    import threading
+
     # What the interpreter's own shutdown runs first: the threading-atexit hooks (they tell idle
     # ThreadPoolExecutor workers, such as the checkpoint writer after a failed save, to exit),
     # then a join of every non-daemon thread. Joining without the hooks waits forever.
@@ -69,7 +76,6 @@ def entry() -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
             pass
-    os._exit(code if isinstance(code, int) else 0)
 
 
 def _finalize_mpi() -> None:

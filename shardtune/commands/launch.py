@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-restarts", type=int, default=0,
                    help="restart all of this node's workers up to N times after a failure")
     p.add_argument("--rdzv-id", help="job id shared by all nodes of one run (multi-node)")
+    p.add_argument("--worker-start", choices=("fork", "exec"), default="fork",
+                   help="fork: import the trainer once here and fork each worker from this process "
+                   "(saves each worker its imports); exec: each worker is a new interpreter")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
     p.add_argument("--mpirun", action="store_true",
                    help="start the ranks with Open MPI's mpirun (--nproc per host) instead of torchrun")
@@ -43,10 +46,11 @@ def run(args, extra, parser) -> int:
             return 0
         return run_mpirun(cmd)  # the trainers' rank 0 holds the run directory's lock
     _check_batch_split(cfg.train, args.nproc * args.nnodes)
+    fork = args.worker_start == "fork" and (args.dry_run or _preload_for_fork(cfg))
     cmd = torchrun_command(
         config_path, overrides, nproc=args.nproc, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master, master_port=args.port,
-        max_restarts=args.max_restarts, rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts, rdzv_id=args.rdzv_id, fork_workers=fork,
     )
     extra_env = torchrun_environment(args.nnodes, args.max_restarts)
     if args.dry_run:
@@ -60,6 +64,18 @@ def run(args, extra, parser) -> int:
     # filesystem the other nodes' launchers would only find node 0's lock).
     with hold_run_dir(cfg.output_dir) if args.node_rank == 0 else contextlib.nullcontext():
         return run_torchrun(cmd, extra_env)
+
+
+def _preload_for_fork(cfg) -> bool:
+    import sys
+
+    from shardtune.launch.forked import preload_trainer
+
+    if preload_trainer(cfg):
+        return True
+    print("launch: CUDA was initialised while importing the trainer, so the workers cannot be "
+          "forked from here; each starts as a new interpreter (--worker-start=exec)", file=sys.stderr)
+    return False
 
 
 def _check_batch_split(train, ranks: int) -> None:

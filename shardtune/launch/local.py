@@ -8,6 +8,7 @@ import sys
 import threading
 
 from shardtune.errors import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from shardtune.launch.forked import FORKED_TRAINER_SCRIPT, report_worker_exits_in_one_line
 from shardtune.launch.trainer_signals import LAUNCHER_PID_ENV, forward_to_workers
 
 # What a user, a batch system or a terminal sends to stop a job: each means "save and stop".
@@ -25,7 +26,12 @@ def torchrun_command(
     master_port: int = 29500,
     max_restarts: int = 0,
     rdzv_id: str | None = None,
+    fork_workers: bool = False,
 ) -> list[str]:
+    """torchrun's command line for ``shardtune train`` on ``nproc`` ranks of this node.
+
+    ``fork_workers``: torchrun forks each worker from this process (which must have imported
+    the trainer first: ``launch.forked.preload_trainer``) instead of starting a new interpreter."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nnodes == 1:
         # --standalone picks a free port and a private rendezvous: two local jobs never collide.
@@ -39,7 +45,10 @@ def torchrun_command(
             cmd.append(f"--rdzv-id={rdzv_id}")
     if max_restarts:
         cmd.append(f"--max-restarts={max_restarts}")
-    cmd += ["-m", "shardtune", "train"]
+    if fork_workers:
+        cmd += ["--start-method=fork", "--run-path", FORKED_TRAINER_SCRIPT]
+    else:
+        cmd += ["-m", "shardtune", "train"]
     if config is not None:
         cmd.append(config)
     return cmd + list(overrides)
@@ -81,6 +90,7 @@ def run_torchrun(cmd: list[str], extra_env: dict[str, str] | None = None) -> int
                          daemon=True).start()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in LAUNCHER_STOP_SIGNALS}
+    report_worker_exits_in_one_line()
     try:
         torchrun_main(["--signals-to-handle=SIGQUIT", *cmd[cmd.index("torch.distributed.run") + 1 :]])
     except ChildFailedError as exc:

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardtune.launch.forked import TRAINER_PROCESS_NAME
+
 PROC = Path("/proc")
 
 
@@ -38,6 +40,13 @@ def is_trainer_command(argv: list[str]) -> bool:
         if os.path.basename(arg) == "shardtune":
             return argv[i + 1 : i + 2] == ["train"]
     return False
+
+
+def is_trainer_process(pid: int) -> bool:
+    """A trainer started with exec (its command line) or forked by ``shardtune launch`` (which
+    leaves the launcher's command line and renames the process: ``launch.forked``)."""
+    comm = (_read(PROC / str(pid) / "comm") or b"").strip().decode(errors="replace")
+    return comm == TRAINER_PROCESS_NAME or is_trainer_command(_argv(pid))
 
 
 def _read(path: Path) -> bytes | None:
@@ -83,7 +92,7 @@ def _belongs(pid: int, job_id: str | None, node: str | None) -> bool:
 
 def find_trainers(signum: int, job_id: str | None, node: str | None = None) -> list[Trainer]:
     pids = (int(entry.name) for entry in PROC.iterdir() if entry.name.isdigit())
-    candidates = {pid for pid in pids if pid != os.getpid() and is_trainer_command(_argv(pid))}
+    candidates = {pid for pid in pids if pid != os.getpid() and is_trainer_process(pid)}
     return [
         Trainer(pid, catches_signal(pid, signum))
         for pid in sorted(candidates)
@@ -128,7 +137,7 @@ _PR_SET_PDEATHSIG = 1
 def worker_trainers(parent: int) -> list[Trainer]:
     """The trainers this launcher started (its direct children running ``shardtune train``)."""
     pids = (int(entry.name) for entry in PROC.iterdir() if entry.name.isdigit())
-    return [Trainer(pid, True) for pid in sorted(pids) if _parent(pid) == parent and is_trainer_command(_argv(pid))]
+    return [Trainer(pid, True) for pid in sorted(pids) if _parent(pid) == parent and is_trainer_process(pid)]
 
 
 def forward_to_workers(signum: int, parent: int, wait_s: float = 30.0, poll_s: float = 0.2, *,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from shardtune.launch.trainer_signals import is_trainer_command
+from shardtune.launch.trainer_signals import is_trainer_process
 
 from .harness import SHARDTUNE, logged_steps, read_result, wait_for
 
@@ -36,10 +36,9 @@ def _workers_of(agent_pid: int) -> list[int]:
         try:
             if not entry.name.isdigit() or int((entry / "stat").read_text().rpartition(")")[2].split()[1]) != agent_pid:
                 continue
-            argv = (entry / "cmdline").read_bytes().decode().split("\0")
         except (OSError, IndexError):
             continue
-        if is_trainer_command(argv):
+        if is_trainer_process(int(entry.name)):
             workers.append(int(entry.name))
     return workers
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from conftest import ROOT, TINY, run_env
 
+from shardtune.launch.trainer_signals import is_trainer_process
+
 
 def start_launch(out_dir: Path, *overrides: str, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "shardtune", "launch", str(TINY), "--nproc", str(nproc),
@@ -36,14 +38,10 @@ def _children(pid: int) -> list[int]:
 
 
 def trainer_pids(launcher_pid: int) -> list[int]:
-    """``shardtune train`` processes among the launcher's children and grandchildren."""
+    """Trainers (exec'd or forked) among the launcher's children and grandchildren."""
     found = []
     for pid in _children(launcher_pid) + [g for c in _children(launcher_pid) for g in _children(c)]:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"shardtune train" in cmdline:
+        if is_trainer_process(pid):
             found.append(pid)
     return found
 

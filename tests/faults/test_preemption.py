@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, losses_by_step, run_env, run_shardtune
+
+from shardtune.launch.trainer_signals import is_trainer_process
 
 pytestmark = pytest.mark.distributed
 
@@ -20,15 +21,14 @@ STEPS = "train.max_steps=60"
 
 
 def trainer_pids(launcher: subprocess.Popen) -> list[int]:
-    """The torchrun workers: children of the agent running ``-m shardtune train``."""
+    """The torchrun workers: the agent's children that are trainers (exec'd or forked)."""
     out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
     agents = [int(p) for p in out]
     workers = []
     for agent in agents + [launcher.pid]:
         children = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split()
         for pid in map(int, children):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"shardtune train" in cmdline:
+            if is_trainer_process(pid):
                 workers.append(pid)
     return workers
 

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+from conftest import TINY
 
 from shardtune.distributed.environment import detect_environment, first_slurm_host, slurm_tasks_on_node
 from shardtune.launch.local import torchrun_command, torchrun_environment
@@ -57,6 +61,27 @@ def test_launch_builds_torchrun_commands():
     assert "--standalone" in local and local[-3:] == ["train", "c.yaml", "train.lr=1"]
     multi = torchrun_command(None, [], nproc=8, nnodes=2, node_rank=1, master_addr="h0", master_port=29400)
     assert "--rdzv-endpoint=h0:29400" in multi and "--node-rank=1" in multi and "--standalone" not in multi
+
+
+def test_forked_workers_run_the_trainer_script_with_the_same_arguments():
+    forked = torchrun_command("c.yaml", ["train.lr=1"], nproc=2, fork_workers=True)
+    script = forked[forked.index("--run-path") + 1]
+    assert "--start-method=fork" in forked and Path(script).is_file()
+    assert forked[forked.index(script) + 1 :] == ["c.yaml", "train.lr=1"]
+
+
+def test_launcher_execs_workers_once_cuda_is_initialised(monkeypatch, capsys):
+    import torch
+
+    from shardtune.commands.launch import _preload_for_fork
+    from shardtune.config import load_config
+
+    cfg = load_config(str(TINY), [])
+    assert _preload_for_fork(cfg)
+    assert "transformers.models.llama.modeling_llama" in sys.modules  # the model's code, preloaded
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert not _preload_for_fork(cfg)
+    assert "--worker-start=exec" in capsys.readouterr().err
 
 
 # --- every launcher's variables, as measured under each launcher, and the fall-backs ---

@@ -1,0 +1,126 @@
+"""Trainers forked from a launcher that has already imported what every trainer imports.
+
+A rank started by ``python -m shardtune train`` spends most of a short job importing torch's
+distributed packages, transformers' model code and shardtune's trainer: ~4 s of CPU per rank on
+this project's 2-core CI machine, paid again by every rank of every node, and read from the
+(often shared, networked) file system each time. ``shardtune launch`` imports them once, then
+torchrun forks its workers (``--start-method=fork``), which find them already loaded.
+
+Forking is safe only before the launcher touches CUDA (a forked child cannot use a CUDA context)
+or runs an OpenMP parallel region (GNU libgomp's thread team does not survive a fork; the
+launcher computes nothing). ``preload_trainer`` checks the first and ``shardtune launch`` falls
+back to starting each worker with exec when it fails. The OpenBLAS pools that numpy and scipy
+start at import are fork-safe (they re-create their threads in the child).
+
+A forked worker's command line is its launcher's, so it names itself ``shardtune-train`` (its
+``/proc/<pid>/comm``); ``trainer_signals`` finds trainers by either.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import signal
+import sys
+from pathlib import Path
+
+# What torchrun runs in each forked worker (by path: importing it would run it).
+FORKED_TRAINER_SCRIPT = str(Path(__file__).with_name("forked_trainer.py"))
+TRAINER_PROCESS_NAME = "shardtune-train"  # at most 15 bytes: the kernel's comm field
+_PR_SET_NAME = 15
+
+
+def preload_trainer(cfg) -> bool:
+    """Import the trainer and the model's transformers module; True if forking is still safe.
+
+    A model whose transformers module cannot be named here is imported by each worker instead."""
+    import torch
+
+    import shardtune.train.loop  # noqa: F401  (what every rank imports first)
+    module = _transformers_module(cfg.model)
+    if module is not None:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # a model type this transformers does not ship: the worker reports it
+    return not torch.cuda.is_initialized()
+
+
+def _transformers_module(model) -> str | None:
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    if model.name_or_path is None:
+        model_type = dict(model.config).get("model_type")
+    else:
+        model_type = _saved_model_type(model.name_or_path)
+    if not model_type:
+        return None
+    name = model_type_to_module_name(model_type)
+    return f"transformers.models.{name}.modeling_{name}"
+
+
+def _saved_model_type(name_or_path: str) -> str | None:
+    """The model type of a local checkpoint directory; None where finding it would take work
+    (a hub id, a GGUF file still to import), which the workers do anyway."""
+    import json
+
+    config = Path(name_or_path) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def report_worker_exits_in_one_line() -> None:
+    """torchrun logs a forked worker's non-zero exit (75 after a requested stop included) with
+    the traceback of its own bookkeeping exception, where an exec'd worker's exit is one line;
+    the line is kept and the traceback, which says nothing about the worker, dropped."""
+    import logging
+
+    def strip_traceback(record: logging.LogRecord) -> bool:
+        record.exc_info = record.exc_text = None
+        return True
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(strip_traceback)
+
+
+def run_trainer(argv: list[str]) -> None:
+    """The forked worker: ``shardtune train ARGV`` in a process that starts as a launcher copy.
+
+    torchrun's function entrypoints must return to report success (the return value travels to
+    the agent); a failure exits at once with the trainer's exit code, as an exec'd trainer would.
+    """
+    _forget_launcher()
+    from shardtune.cli import main, release_process
+
+    sys.argv = [sys.modules["shardtune.cli"].__file__, "train", *argv]
+    code = main(["train", *argv])
+    release_process()
+    if code:
+        import os
+
+        os._exit(code)
+
+
+def _forget_launcher() -> None:
+    """Drop what the worker inherited from the launcher but must not act on: its signal handlers
+    (a stop signal would be forwarded to this worker's non-existent workers instead of stopping
+    it), its exit hooks, and its block-buffered output (an exec'd worker runs ``python -u``)."""
+    for signum in signal.valid_signals():
+        handler = signal.getsignal(signum)
+        if callable(handler) and handler is not signal.default_int_handler:
+            signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    atexit._clear()
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
+    _name_process(TRAINER_PROCESS_NAME)  # last: found as a trainer once it has its own handlers
+
+
+def _name_process(name: str) -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode(), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: trainers are found by command line only
+        pass

@@ -1,0 +1,8 @@
+"""What torchrun runs in each forked worker (``--run-path`` with ``--start-method=fork``):
+``shardtune train`` with this script's arguments. See ``shardtune.launch.forked``."""
+
+import sys
+
+from shardtune.launch.forked import run_trainer
+
+run_trainer(sys.argv[1:])
