@@ -127,4 +127,14 @@ class FaultHooks:
 
 NO_FAULTS = FaultHooks({})
 # What this process injects: read once from its environment (set by the fault tests).
-HOOKS = FaultHooks.from_environment()
+_process_hooks: tuple[int, FaultHooks] | None = None
+
+
+def hooks() -> FaultHooks:
+    """This process's hooks, read from its environment on first use. Not at import: a worker
+    forked from ``shardtune launch`` inherits the launcher's imported modules, but its
+    environment (``TORCHELASTIC_RESTART_COUNT`` above all) is set only after the fork."""
+    global _process_hooks
+    if _process_hooks is None or _process_hooks[0] != os.getpid():
+        _process_hooks = (os.getpid(), FaultHooks.from_environment())
+    return _process_hooks[1]

@@ -162,7 +162,7 @@ class Checkpointer:
                 shutil.rmtree(final)
             make_run_dir(tmp)
         dist.barrier()
-        faults.HOOKS.kill_point("before_staging", step)
+        faults.hooks().kill_point("before_staging", step)
         state = self.strategy.checkpoint_state()
         if self.strategy.name == "ddp":
             # Every DDP rank holds the same tensors: each stages and writes only its share, so
@@ -172,7 +172,7 @@ class Checkpointer:
         writer = FileSystemWriter(str(tmp), sync_files=True)
         if blocking or not self.cfg.async_save:
             outcome: Future = Future()
-            faults.HOOKS.signal_point("save", self.ctx.rank, step)
+            faults.hooks().signal_point("save", self.ctx.rank, step)
             outcome.set_result(self._write_and_commit(state, writer, step, tmp, final, snapshot))
             self.pending = (outcome, step)
             self.last_blocking_s = time.perf_counter() - start
@@ -185,7 +185,7 @@ class Checkpointer:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardtune-ckpt")
             future = self._writer.submit(self._write_and_commit, staged, writer, step, tmp, final, snapshot)
-            faults.HOOKS.signal_point("save", self.ctx.rank, step)  # the writes are in flight
+            faults.hooks().signal_point("save", self.ctx.rank, step)  # the writes are in flight
             self.pending = (future, step)
             self.last_blocking_s = time.perf_counter() - start
 
@@ -239,9 +239,9 @@ class Checkpointer:
         written, described, error = None, None, None
         try:
             written = self._write(state, writer, tmp, snapshot)
-            faults.HOOKS.kill_point("after_write", step)
+            faults.hooks().kill_point("after_write", step)
             described = written["files"]
-            faults.HOOKS.signal_point("commit", rank, step)
+            faults.hooks().signal_point("commit", rank, step)
         except SAVE_ERRORS as exc:  # disk full, permissions, a peer's write error
             error = f"rank {rank}: {_describe_error(exc)}"
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
@@ -252,10 +252,10 @@ class Checkpointer:
             if not errors[0]:
                 try:
                     self._write_manifest(tmp, step, written["rank0"], [d for d, _ in gathered])
-                    faults.HOOKS.kill_point("before_rename", step)
+                    faults.hooks().kill_point("before_rename", step)
                     tmp.rename(final)
                     fsync_path(self.root)
-                    faults.HOOKS.kill_point("before_latest", step)
+                    faults.hooks().kill_point("before_latest", step)
                     write_latest(self.root, final.name)
                     self._apply_retention(step)
                 except OSError as exc:

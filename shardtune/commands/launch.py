@@ -67,11 +67,14 @@ def run(args, extra, parser) -> int:
 
 
 def _preload_for_fork(cfg) -> bool:
+    """Import what every worker imports first (the trainer, the model's code), so that the
+    workers forked from this process start with it loaded."""
     import sys
 
-    from shardtune.launch.forked import preload_trainer
+    from shardtune.launch.forked import preload
+    from shardtune.models.loading import model_code_module
 
-    if preload_trainer(cfg):
+    if preload(["shardtune.train.loop", model_code_module(cfg.model) or "transformers.modeling_utils"]):
         return True
     print("launch: CUDA was initialised while importing the trainer, so the workers cannot be "
           "forked from here; each starts as a new interpreter (--worker-start=exec)", file=sys.stderr)

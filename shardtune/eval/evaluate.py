@@ -71,7 +71,7 @@ def evaluate(
                 for key, value in task.eval_stats(logits, batch, device).items():
                     sums[key] = sums[key] + value * weight if key in sums else value * weight
                 if b == 0:
-                    faults.HOOKS.signal_point("eval", rank)
+                    faults.hooks().signal_point("eval", rank)
         finally:
             runner.train(was_training)
     keys = sorted(sums)

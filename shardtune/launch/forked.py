@@ -8,7 +8,7 @@ torchrun forks its workers (``--start-method=fork``), which find them already lo
 
 Forking is safe only before the launcher touches CUDA (a forked child cannot use a CUDA context)
 or runs an OpenMP parallel region (GNU libgomp's thread team does not survive a fork; the
-launcher computes nothing). ``preload_trainer`` checks the first and ``shardtune launch`` falls
+launcher computes nothing). ``preload`` checks the first and ``shardtune launch`` falls
 back to starting each worker with exec when it fails. The OpenBLAS pools that numpy and scipy
 start at import are fork-safe (they re-create their threads in the child).
 
@@ -30,45 +30,18 @@ TRAINER_PROCESS_NAME = "shardtune-train"  # at most 15 bytes: the kernel's comm 
 _PR_SET_NAME = 15
 
 
-def preload_trainer(cfg) -> bool:
-    """Import the trainer and the model's transformers module; True if forking is still safe.
+def preload(modules: list[str]) -> bool:
+    """Import ``modules`` here, before torchrun forks; True if forking is still safe.
 
-    A model whose transformers module cannot be named here is imported by each worker instead."""
+    A module that cannot be imported is skipped: the worker imports it, and reports why."""
     import torch
 
-    import shardtune.train.loop  # noqa: F401  (what every rank imports first)
-    module = _transformers_module(cfg.model)
-    if module is not None:
+    for name in modules:
         try:
-            importlib.import_module(module)
+            importlib.import_module(name)
         except ImportError:
-            pass  # a model type this transformers does not ship: the worker reports it
+            pass
     return not torch.cuda.is_initialized()
-
-
-def _transformers_module(model) -> str | None:
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-
-    if model.name_or_path is None:
-        model_type = dict(model.config).get("model_type")
-    else:
-        model_type = _saved_model_type(model.name_or_path)
-    if not model_type:
-        return None
-    name = model_type_to_module_name(model_type)
-    return f"transformers.models.{name}.modeling_{name}"
-
-
-def _saved_model_type(name_or_path: str) -> str | None:
-    """The model type of a local checkpoint directory; None where finding it would take work
-    (a hub id, a GGUF file still to import), which the workers do anyway."""
-    import json
-
-    config = Path(name_or_path) / "config.json"
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 def report_worker_exits_in_one_line() -> None:
@@ -91,11 +64,11 @@ def run_trainer(argv: list[str]) -> None:
     the agent); a failure exits at once with the trainer's exit code, as an exec'd trainer would.
     """
     _forget_launcher()
-    from shardtune.cli import main, release_process
+    from shardtune import cli
 
-    sys.argv = [sys.modules["shardtune.cli"].__file__, "train", *argv]
-    code = main(["train", *argv])
-    release_process()
+    sys.argv = [cli.__file__, "train", *argv]  # what an exec'd trainer's sys.argv holds
+    code = cli.main(["train", *argv])
+    cli.release_process()
     if code:
         import os
 

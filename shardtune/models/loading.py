@@ -42,6 +42,27 @@ def resolve_pretrained(spec: str | None) -> str | None:
     return resolve_gguf(spec) if is_gguf(spec) else resolve_model_path(spec)
 
 
+def model_code_module(cfg: ModelSection) -> str | None:
+    """The transformers module that defines this model's classes, where naming it is cheap: a
+    model from a config, or a local checkpoint directory (not a hub id or a GGUF file)."""
+    import json
+    from pathlib import Path
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    if cfg.name_or_path is None:
+        model_type = dict(cfg.config).get("model_type")
+    else:
+        try:
+            model_type = json.loads((Path(cfg.name_or_path) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+    if not model_type:
+        return None
+    name = model_type_to_module_name(model_type)
+    return f"transformers.models.{name}.modeling_{name}"
+
+
 def load_model_tokenizer(cfg: TokenizerSection, trust_remote_code: bool, saved_dir=None):
     """``data.tokenizer.load_tokenizer``, with ``name_or_path`` resolved as for the model."""
     if is_gguf(cfg.name_or_path):

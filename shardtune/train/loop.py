@@ -83,7 +83,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
 def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
     parts = build_run(cfg, ctx)
-    strategy, loader, task, hooks = parts.strategy, parts.loader, parts.task, faults.HOOKS
+    strategy, loader, task, hooks = parts.strategy, parts.loader, parts.task, faults.hooks()
     # Only process-local clean-up goes on the stack: a crashed rank must not enter a collective
     # (the checkpointer's final commit) that its peers will never join.
     cleanup.callback(loader.close)
