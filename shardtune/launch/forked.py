@@ -62,16 +62,30 @@ def run_trainer(argv: list[str]) -> None:
 
     torchrun's function entrypoints must return to report success (the return value travels to
     the agent); a failure exits at once with the trainer's exit code, as an exec'd trainer would.
+    An exception nobody caught is printed here, as the interpreter of an exec'd trainer prints
+    it: torchrun would only write it to an error file that nobody reads.
     """
+    import os
+
     _forget_launcher()
     from shardtune import cli
 
     sys.argv = [cli.__file__, "train", *argv]  # what an exec'd trainer's sys.argv holds
-    code = cli.main(["train", *argv])
+    try:
+        code = cli.main(["train", *argv])
+    except KeyboardInterrupt:  # an exec'd interpreter re-raises SIGINT to die of it
+        cli.release_process()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        cli.release_process()
+        os._exit(1)
     cli.release_process()
     if code:
-        import os
-
         os._exit(code)
 
 

@@ -44,3 +44,13 @@ def test_forked_workers_are_trainers_with_their_own_signal_handlers(tmp_path):
     finally:
         launcher.kill()
         launcher.communicate()
+
+
+def test_a_forked_workers_uncaught_exception_is_printed(tmp_path):
+    # An invalid fault value raises a plain ValueError inside rank 0's step: a crash no handler
+    # knows. torchrun keeps a forked worker's exception in an error file only; the worker must
+    # print it as the interpreter of an exec'd worker does.
+    run = run_shardtune(tmp_path, nproc=2, expect_ok=False, env={"SHARDTUNE_FAULT_GRAD": "3:0:bogus"})
+    assert run.returncode == 1
+    assert "Traceback" in run.stderr and "ValueError: fault value must be nan or inf" in run.stderr, \
+        run.stderr[-3000:]
