@@ -12,7 +12,7 @@ largest rank's numbers. Rows:
 * readers: fsdp at 2 ranks with ``safe_open`` slices and with torch DCP's
   ``HuggingFaceStorageReader`` instead of ``pread``.
 
-    nice -n 10 python bench/loading.py            # ~10 min on 2 busy cores
+    nice -n 10 python bench/loading.py            # 3 rounds of every case: ~25 min on 2 cores
     python bench/loading.py --report              # rewrite the table from the JSON
 
 Each case's raw result is kept in .cache/bench-loading/runs/ and reused by a rerun; delete
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -75,10 +76,11 @@ def checkpoint() -> tuple[Path, int]:
     return directory, Architecture.from_mapping(config).params
 
 
-def run_case(directory: Path, strategy: str, world: int, reader: str, full_build: bool, work: Path) -> dict:
+def run_case(directory: Path, strategy: str, world: int, reader: str, full_build: bool, work: Path,
+             repeat: int = 0) -> dict:
     config = work / "config.yaml"
     config.write_text(CONFIG % {"dir": directory})
-    cases = work / f"cases-{strategy}-{world}-{reader}-{int(full_build)}.json"
+    cases = work / f"cases-{strategy}-{world}-{reader}-{int(full_build)}-r{repeat}.json"
     out = cases.with_suffix(".out.json")
     cases.write_text(json.dumps([{"config": str(config), "overrides": [f"distributed.strategy={strategy}"],
                                   "reference": False, "full_build": full_build}]))
@@ -100,7 +102,6 @@ def reader_ab(directory: Path, rounds: int = 5) -> dict:
     """In one process, warm page cache: rank 0 of 2's rows of every tensor into fp32, read with
     shardtune's ``pread`` and with ``safe_open`` slices, alternating so drift hits both alike
     (the torchrun rows' times include start-up and a busy machine's noise)."""
-    import statistics
     import time
 
     import torch
@@ -136,15 +137,22 @@ def reader_ab(directory: Path, rounds: int = 5) -> dict:
             for name, t in times.items()}
 
 
-def measure() -> dict:
+def measure(repeats: int) -> dict:
     directory, params = checkpoint()
     full_mib = 4 * params / 2**20
     work = CACHE / "runs"
     work.mkdir(parents=True, exist_ok=True)
+    # Round-robin over the cases, each load a fresh torchrun job: every case sees the machine
+    # in the same states, so the sharded and full-build times compare side by side.
+    results = {case: [] for case in CASES}
+    for repeat in range(repeats):
+        for case in CASES:
+            _, strategy, world, reader, full_build = case
+            results[case].append(run_case(directory, strategy, world, reader, full_build, work, repeat))
     rows = []
-    for label, strategy, world, reader, full_build in CASES:
-        result = run_case(directory, strategy, world, reader, full_build, work)
-        ranks = result["rows"]
+    for (label, strategy, world, reader, full_build), runs in results.items():
+        times = [max(r["load_seconds_all"] for r in run["rows"]) for run in runs]
+        ranks = [r for run in runs for r in run["rows"]]
         worst = max(ranks, key=lambda r: r["load_growth_mib"])
         row = {
             "case": label, "strategy": strategy, "world_size": world, "reader": reader,
@@ -153,7 +161,8 @@ def measure() -> dict:
             "vmhwm_mib_per_rank": round(max(r["peak_mib"] for r in ranks), 1),
             "rss_anon_mib": round(worst["rss_anon_mib"], 1), "rss_file_mib": round(worst["rss_file_mib"], 1),
             "full_model_mib": round(full_mib, 1),
-            "load_seconds": round(max(r["load_seconds_all"] for r in ranks), 2),
+            "load_seconds": round(statistics.median(times), 2),
+            "load_seconds_each_repeat": [round(t, 2) for t in times],
             "note": worst["note"],
         }
         if strategy in ("fsdp", "zero3") and not full_build:
@@ -167,22 +176,24 @@ def measure() -> dict:
             "measure": "peak_host_mib_per_rank: largest rank's VmHWM once the weights are in place, minus its "
                        "RSS just before the load (VmHWM reset by /proc/self/clear_refs); "
                        "setup_peak_host_mib_per_rank: the same at the end of strategy.setup, which adds the "
-                       "optimizer's / DeepSpeed engine's own buffers; load_seconds: build_model + setup, "
-                       "slowest rank",
+                       "optimizer's / DeepSpeed engine's own buffers (memory: the largest of all repeats); "
+                       f"load_seconds: build_model + setup, slowest rank, median of {repeats} fresh jobs "
+                       "per case, the cases round-robin",
             "rows": rows}
 
 
 def report(data: dict) -> str:
     lines = [f"# Loading a {data['model']['params'] / 1e6:.0f}M-parameter Llama (bf16 safetensors) for training, CPU",
              "", f"{data['measure']}. Full fp32 model: {data['rows'][0]['full_model_mib']:.0f} MiB.", "",
-             "| case | strategy | ranks | reader | load peak MiB/rank | target MiB | after setup MiB/rank | VmHWM MiB | anon / file MiB after | load s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | strategy | ranks | reader | load peak MiB/rank | target MiB | after setup MiB/rank | VmHWM MiB | anon / file MiB after | load s | each job's s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         target = f"{r['target_mib']:.0f} ({'met' if r['meets_target'] else 'NOT met'})" if "target_mib" in r else "-"
         lines.append(f"| {r['case']} | {r['strategy']} | {r['world_size']} | {r['reader']} | "
                      f"{r['peak_host_mib_per_rank']:.0f} | {target} | {r['setup_peak_host_mib_per_rank']:.0f} | "
                      f"{r['vmhwm_mib_per_rank']:.0f} | "
-                     f"{r['rss_anon_mib']:.0f} / {r['rss_file_mib']:.0f} | {r['load_seconds']:.1f} |")
+                     f"{r['rss_anon_mib']:.0f} / {r['rss_file_mib']:.0f} | {r['load_seconds']:.1f} | "
+                     f"{', '.join(f'{t:.1f}' for t in r.get('load_seconds_each_repeat', []))} |")
     ab = data.get("reader_ab")
     if ab:
         lines += ["", "Readers, one process, warm page cache, rank 0 of 2's rows of every tensor into fp32 "
@@ -194,9 +205,10 @@ def report(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the JSON")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh jobs per case (load time: their median)")
     args = parser.parse_args()
     out_json = RESULTS / "loading-cpu.json"
-    data = json.loads(out_json.read_text()) if args.report else measure()
+    data = json.loads(out_json.read_text()) if args.report else measure(args.repeats)
     out_json.write_text(json.dumps(data, indent=1) + "\n")
     (RESULTS / "loading-cpu.md").write_text(report(data))
     print(report(data))
