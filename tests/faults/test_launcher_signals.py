@@ -39,11 +39,12 @@ def test_stop_signal_to_launcher_saves_and_exits_75(tmp_path, sig):
 
 
 def test_second_sigint_aborts_at_once_and_leaves_nothing_half_committed(tmp_path):
-    # Rank 1 stalls before step 3's agreement, so the first Ctrl-C's save cannot finish (on a
-    # tiny model an unstalled save did, before the second press) and rank 0 sits inside the
-    # collective, where only a kill reaches it.
+    # Rank 1 stalls before step 2's agreement, the first step after the one training is detected
+    # by, so the first Ctrl-C's save cannot finish (on a tiny model an unstalled save did, before
+    # the second press; with the stall at step 3, forked workers got the stop agreed at step 2)
+    # and rank 0 sits inside the collective, where only a kill reaches it.
     launcher = start_launch(tmp_path, STEPS, "checkpoint.every_steps=1", "checkpoint.keep_last=400",
-                            env={"SHARDTUNE_FAULT_STALL": "3:1:600"})
+                            env={"SHARDTUNE_FAULT_STALL": "2:1:600"})
     wait_until_training(launcher, tmp_path)
     os.kill(launcher.pid, signal.SIGINT)
     time.sleep(1.0)  # two presses, not one coalesced signal
