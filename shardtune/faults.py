@@ -10,7 +10,7 @@ read once, when the process starts.
 * ``SHARDTUNE_FAULT_GRAD_REPLICA=3:1`` after step 3's backward (and its gradient reduction),
   one element of rank 1's own gradients becomes NaN: a corrupted copy the other ranks never see
 * ``SHARDTUNE_FAULT_KILL=5:0``         rank 0 SIGKILLs itself at step 5, on the first attempt only
-* ``SHARDTUNE_FAULT_STALL=4:1:600``    rank 1 sleeps 600 s at step 4, just before the step's sync
+* ``SHARDTUNE_FAULT_STALL=4:1:600``    rank 1 sleeps 600 s at step 4, just before the step's sync, dying of a SIGTERM meanwhile
 * ``SHARDTUNE_FAULT_SAVE=after_write:4`` every rank SIGKILLs itself at that point of step 4's save
   (``before_staging``, ``after_write``, ``before_rename``, ``before_latest``)
 * ``SHARDTUNE_FAULT_SIGNAL=eval:4:1:SIGTERM`` rank 1 sends itself SIGTERM (default SIGUSR1)
@@ -106,6 +106,10 @@ class FaultHooks:
     def maybe_stall(self, step: int, rank: int) -> None:
         extra = self._matches("STALL", step, rank)
         if extra is not None:
+            # The stalled rank dies of the SIGTERM that ends the group once the others have
+            # named it and exited: its save-and-stop handler would only set a flag that a
+            # sleeping rank never reads, and the teardown would wait out torchrun's 30 s grace.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(float(extra[0]) if extra else 3600.0)
 
     def kill_point(self, name: str, step: int) -> None:
