@@ -4,7 +4,8 @@ Nothing is sent per step: each rank only remembers, in memory, the last step at 
 reached the per-step synchronisation (``mark_progress``). When a collective fails, each
 survivor publishes that step in the rendezvous store once, waits briefly for the others'
 reports, and names the ranks that did not report or are behind, instead of gloo's "Timed
-out waiting 60000ms for recv operation". At 1,000 ranks a per-step write would have been
+out waiting 60000ms for recv operation". A rank dying of any other exception reports that
+(``report_crash``): the survivors name it and its exception without waiting for it. At 1,000 ranks a per-step write would have been
 1,000 store requests per step to rank 0's store; now the store sees traffic only on failure.
 
 Why a silent rank's last synchronised step is known without its report: survivors at step
@@ -51,9 +52,25 @@ def last_marked_step() -> int | None:
     return _last_step
 
 
-def report_and_read_progress(rank: int, world_size: int, grace_s: float) -> dict[int, int | None]:
-    """Publish this rank's step, wait up to ``grace_s`` for every rank's, return what arrived
-    (None: no report). Empty when the store cannot be reached at all."""
+def report_crash(rank: int, error: BaseException) -> None:
+    """This rank is dying of ``error``, which is not a collective's: say so in the store, so the
+    survivors need not wait out their grace for a report that would never come, and can name
+    it. Best effort and bounded: a store that cannot take it within 2 s is left alone."""
+    store = _store()
+    if store is None:
+        return
+    store.set_timeout(timedelta(seconds=2))
+    step = _last_step if _last_step is not None else -1
+    try:
+        store.set(_key(rank), f"{step} {type(error).__name__}")
+    except (RuntimeError, ValueError):
+        pass
+
+
+def report_and_read_progress(rank: int, world_size: int, grace_s: float) -> dict[int, tuple[int | None, str | None]]:
+    """Publish this rank's step, wait up to ``grace_s`` for every rank's, return what arrived:
+    (last synchronised step or None, the exception it died of where it reported a crash).
+    Empty when the store cannot be reached at all."""
     store = _store()
     if store is None:
         return {}
@@ -72,13 +89,14 @@ def report_and_read_progress(rank: int, world_size: int, grace_s: float) -> dict
         if all(present) or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    progress: dict[int, int | None] = {}
+    progress: dict[int, tuple[int | None, str | None]] = {}
     for r, (key, there) in enumerate(zip(keys, present, strict=True)):
         try:
-            value = int(store.get(key)) if there else None
+            step, _, crash = store.get(key).decode().partition(" ") if there else ("", "", "")
+            value = int(step) if step else None
         except (RuntimeError, ValueError):
-            value = None
-        progress[r] = None if value is None or value < 0 else value
+            value, crash = None, ""
+        progress[r] = (None if value is None or value < 0 else value, crash or None)
     return progress
 
 
@@ -90,13 +108,15 @@ def explain_collective_failure(
         return None
     # Survivors time out within moments of each other (they entered the collective together).
     progress = report_and_read_progress(rank, world_size, grace_s=min(10.0, max(2.0, timeout_s / 4)))
-    reached = [s for s in progress.values() if s is not None]
+    steps = {r: step for r, (step, _) in progress.items()}
+    crashes = {r: crash for r, (_, crash) in progress.items() if crash}
+    reached = [s for s in steps.values() if s is not None]
     furthest = max(reached) if reached else None
-    behind = sorted(r for r, s in progress.items() if r != rank and (s is None or s != furthest))
+    behind = sorted(r for r, s in steps.items() if r != rank and (s is None or s != furthest or r in crashes))
     if not reached:
         suspects = "the rendezvous store is unreachable: rank 0 or its host is likely gone"
     elif behind:
-        suspects = ", ".join(_describe(r, progress[r], furthest) for r in behind)
+        suspects = ", ".join(_describe(r, steps[r], furthest, crashes.get(r)) for r in behind)
     else:
         suspects = "unknown: every other rank reached the same step (one may have died inside it)"
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
@@ -106,7 +126,9 @@ def explain_collective_failure(
     )
 
 
-def _describe(rank: int, step: int | None, furthest: int) -> str:
+def _describe(rank: int, step: int | None, furthest: int, crash: str | None = None) -> str:
+    if crash is not None:
+        return f"rank {rank} died of {crash}" + ("" if step is None else f" after synchronising step {step}")
     if step is not None:
         return f"rank {rank} (last synchronised at step {step}, others at {furthest})"
     # Silent: stalled or dead. It passed step furthest-1's all-reduce, as the survivors did.

@@ -20,7 +20,7 @@ from shardtune.checkpoint.trainer_state import TrainProgress
 from shardtune.config import RunConfig
 from shardtune.distributed.collectives import all_reduce_sum
 from shardtune.distributed.process_group import init_distributed, shutdown
-from shardtune.distributed.watchdog import explain_collective_failure
+from shardtune.distributed.watchdog import explain_collective_failure, report_crash
 from shardtune.errors import NonFiniteLossError, Preempted
 from shardtune.eval.tracker import EvalTracker
 from shardtune.preference import ensure_reference
@@ -69,8 +69,12 @@ def train(cfg: RunConfig) -> TrainResult:
         # A timed-out or broken collective: name the rank(s) that fell behind.
         clearer = explain_collective_failure(exc, ctx.rank, ctx.world_size, cfg.distributed.collective_timeout_s)
         if clearer is None:
+            report_crash(ctx.rank, exc)
             raise
         raise clearer from exc
+    except Exception as exc:
+        report_crash(ctx.rank, exc)  # the others' next collective fails: they name this rank
+        raise
     finally:
         shutdown(clean)
     # Every rank agreed on these endings, so the group above shut down cleanly.

@@ -54,3 +54,6 @@ def test_a_forked_workers_uncaught_exception_is_printed(tmp_path):
     assert run.returncode == 1
     assert "Traceback" in run.stderr and "ValueError: fault value must be nan or inf" in run.stderr, \
         run.stderr[-3000:]
+    # Rank 1's collective fails once rank 0 is gone; rank 0 reported its crash, so rank 1 names it.
+    assert "suspect: rank 0 died of ValueError after synchronising step 2" in run.stderr, \
+        run.stderr[-3000:]

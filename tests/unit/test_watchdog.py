@@ -45,3 +45,19 @@ def test_a_rank_behind_is_named_with_its_own_step(monkeypatch):
 
 def test_other_errors_are_left_alone():
     assert watchdog.explain_collective_failure(ValueError("bad shape"), 0, 2, 60) is None
+
+
+def test_a_crashed_rank_is_named_with_its_exception_without_waiting(monkeypatch):
+    import time
+
+    store = dist.HashStore()
+    monkeypatch.setattr(watchdog, "_store", lambda: store)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    watchdog.mark_progress(1, 3)
+    watchdog.report_crash(1, ValueError("bad batch"))  # rank 1, dying in step 4's work
+    watchdog.mark_progress(0, 4)
+    start = time.monotonic()
+    error = watchdog.explain_collective_failure(
+        RuntimeError("Connection closed by peer [127.0.0.1]:1234"), rank=0, world_size=2, timeout_s=60)
+    assert time.monotonic() - start < 2  # every report is there: no grace to wait out (10 s here)
+    assert "suspect: rank 1 died of ValueError after synchronising step 3" in str(error)
