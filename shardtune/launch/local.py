@@ -31,7 +31,7 @@ def torchrun_command(
     """torchrun's command line for ``shardtune train`` on ``nproc`` ranks of this node.
 
     ``fork_workers``: torchrun forks each worker from this process (which must have imported
-    the trainer first: ``launch.forked.preload_trainer``) instead of starting a new interpreter."""
+    the trainer first: ``launch.forked.preload``) instead of starting a new interpreter."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nnodes == 1:
         # --standalone picks a free port and a private rendezvous: two local jobs never collide.
