@@ -24,7 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-# What torchrun runs in each forked worker (by path: importing it would run it).
+# What torchrun runs in each forked worker, by path (runpy, as __main__).
 FORKED_TRAINER_SCRIPT = str(Path(__file__).with_name("forked_trainer.py"))
 TRAINER_PROCESS_NAME = "shardtune-train"  # at most 15 bytes: the kernel's comm field
 _PR_SET_NAME = 15

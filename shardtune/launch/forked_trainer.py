@@ -5,4 +5,5 @@ import sys
 
 from shardtune.launch.forked import run_trainer
 
-run_trainer(sys.argv[1:])
+if __name__ == "__main__":  # torchrun runs it as __main__; an import (docs tools) must not train
+    run_trainer(sys.argv[1:])
