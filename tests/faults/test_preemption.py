@@ -13,24 +13,11 @@ import time
 import pytest
 from conftest import ROOT, TINY, losses_by_step, run_env, run_shardtune
 
-from shardtune.launch.trainer_signals import is_trainer_process
+from faults.launcher_helpers import trainer_pids
 
 pytestmark = pytest.mark.distributed
 
 STEPS = "train.max_steps=60"
-
-
-def trainer_pids(launcher: subprocess.Popen) -> list[int]:
-    """The torchrun workers: the agent's children that are trainers (exec'd or forked)."""
-    out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-    agents = [int(p) for p in out]
-    workers = []
-    for agent in agents + [launcher.pid]:
-        children = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split()
-        for pid in map(int, children):
-            if is_trainer_process(pid):
-                workers.append(pid)
-    return workers
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +40,7 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, uninterrupted
     while time.time() < deadline and not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
         time.sleep(0.05)
     time.sleep(delay)
-    workers = trainer_pids(proc)
+    workers = trainer_pids(proc.pid)
     assert len(workers) == 2, workers
     for pid in workers:  # as SLURM's scancel does: every trainer gets the signal
         os.kill(pid, sig)
