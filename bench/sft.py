@@ -47,6 +47,7 @@ import sys
 import time
 from pathlib import Path
 
+import sft_flops
 from sft_models import SMOLLM2, describe_model, llama20m_dir, model_dir
 from throughput_jobs import RESULTS, ROOT, _run, _torchrun
 from throughput_machine import _IDLE_BUDGET, base_env, machine_info, wait_for_idle
@@ -391,9 +392,10 @@ def main(argv=None) -> int:
                  "model_dir": str(model), "model_build": built, "finetune": "full", "precision": "fp32"},
         "machine": meta,
     }
+    result["arithmetic_ceilings"] = sft_flops.ceilings(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
+    table = markdown(result) + "\n" + sft_flops.markdown(result["arithmetic_ceilings"], result["targets"])
     args.out.with_suffix(".md").write_text(table)
     print("\n" + table)
     return 0
