@@ -19,6 +19,12 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
+# Tests never reach the Hub, also when pytest runs without the Makefile's environment: the hub
+# libraries read these once, at import, so a test's monkeypatch would come too late.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 def run_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
