@@ -88,7 +88,8 @@ def evaluate(
     if "confusion" in reduced:
         n = task.num_labels
         confusion = reduced["confusion"].reshape(n, n).round().long().numpy()
-        metrics = {"loss": loss_sum / max(targets, 1.0), **classification_metrics(confusion, label_names)}
+        loss = loss_sum / targets if targets > 0 else math.nan
+        metrics = {"loss": loss, **classification_metrics(confusion, label_names)}
         metrics["confusion"] = confusion.tolist()
         return metrics
     return language_model_metrics(loss_sum, targets, float(reduced["correct"]))

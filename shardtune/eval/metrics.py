@@ -44,11 +44,15 @@ def classification_metrics(confusion: np.ndarray, label_names: list[str] | None 
 
 
 def language_model_metrics(loss_sum: float, targets: float, correct: float) -> dict[str, float]:
-    mean = loss_sum / max(targets, 1.0)
+    """Token-mean metrics. No scored token (every target cut off by ``data.seq_len``, or an
+    empty split) gives NaN: a loss of 0.0 would read as a perfect model and be kept as best."""
+    if targets <= 0:
+        return {"loss": math.nan, "perplexity": math.nan, "token_accuracy": math.nan, "tokens": 0.0}
+    mean = loss_sum / targets
     return {
         "loss": mean,
         "perplexity": math.exp(min(mean, 50.0)),
-        "token_accuracy": correct / max(targets, 1.0),
+        "token_accuracy": correct / targets,
         "tokens": targets,
     }
 

@@ -99,6 +99,10 @@ class EvalTracker:
         if split not in self._noted:
             self._noted.add(split)
             self._note_truncation(split, source if source is not None else self.val_source)
+            if metrics.get("tokens") == 0 and self.ctx.is_main:
+                print(f"shardtune: warning: the {split} evaluation scored no token (every target is past "
+                      f"data.seq_len={self.cfg.data.seq_len}, or eval.batches holds none): its loss is NaN",
+                      file=sys.stderr, flush=True)
         self.seconds += time.perf_counter() - start
         return metrics
 

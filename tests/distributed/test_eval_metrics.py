@@ -4,13 +4,14 @@ evaluation leaves training untouched, early stopping stops every rank at the sam
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_shardtune
 
-from shardtune.eval.metrics import classification_metrics
+from shardtune.eval.metrics import classification_metrics, language_model_metrics
 
 TINY_CLASSIFY = ROOT / "tests" / "configs" / "tiny-classify.yaml"
 LABELS = ["a", "b", "c", "d"]
@@ -82,6 +83,15 @@ def test_evaluate_reduces_a_confusion_matrix_equal_to_sklearn(single_process_gro
     assert metrics["confusion"] == confusion_matrix(y_true, y_pred, labels=range(4)).tolist()
     assert metrics["f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
     assert metrics["examples"] == 37
+
+
+def test_validation_that_scores_no_token_is_nan_not_a_perfect_zero():
+    # Every assistant turn past data.seq_len leaves nothing to score: 0/0 must not read as loss 0.
+    empty = language_model_metrics(0.0, 0.0, 0.0)
+    assert math.isnan(empty["loss"]) and math.isnan(empty["perplexity"]) and math.isnan(empty["token_accuracy"])
+    assert empty["tokens"] == 0
+    scored = language_model_metrics(6.0, 3.0, 1.0)
+    assert scored["loss"] == 2.0 and scored["token_accuracy"] == pytest.approx(1 / 3) and scored["tokens"] == 3.0
 
 
 def _events(run_dir):
