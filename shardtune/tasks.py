@@ -118,6 +118,10 @@ class CausalLMTask:
     def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return count_loss_tokens(batch)
 
+    def head_on_targets_only(self, model) -> torch.nn.Linear | None:
+        """The output projection when training runs it on the loss positions only, else None."""
+        return selective_head(model) if self.selective else None
+
     def logits(self, model, batch, device) -> torch.Tensor:
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         position_ids = batch["position_ids"].to(device, non_blocking=True)
@@ -133,7 +137,7 @@ class CausalLMTask:
 
     def loss_sum(self, model, batch, device) -> torch.Tensor:
         """Training loss (with label smoothing), summed over target tokens."""
-        head = selective_head(model) if self.selective else None
+        head = self.head_on_targets_only(model)
         if head is None:
             return self.loss_from_logits(self.logits(model, batch, device), batch, device, self.label_smoothing)
         labels = batch["labels"].to(device, non_blocking=True)

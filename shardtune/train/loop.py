@@ -25,7 +25,13 @@ from shardtune.errors import NonFiniteLossError, Preempted
 from shardtune.eval.tracker import EvalTracker
 from shardtune.preference import ensure_reference
 from shardtune.train.components import build_checkpointer, build_run, tensorboard_hint
-from shardtune.train.metrics import MetricsLogger, flops_per_token, peak_flops_per_rank, peak_memory_mib
+from shardtune.train.metrics import (
+    MetricsLogger,
+    flops_per_token,
+    head_flops_per_position,
+    peak_flops_per_rank,
+    peak_memory_mib,
+)
 from shardtune.train.signals import StopRequest
 from shardtune.train.step import train_step
 
@@ -133,7 +139,7 @@ def _train(cfg: RunConfig, ctx, cleanup: ExitStack) -> TrainResult:
         if outcome.applied:
             consecutive_bad = 0
             result.losses.append(outcome.loss)
-            throughput.count_step()
+            throughput.count_step(outcome.targets)
             if step % cfg.metrics.log_every == 0 or step == parts.total_steps:
                 _log_step(log, step, outcome, strategy, throughput, checkpointer)
         else:
@@ -196,7 +202,17 @@ class Throughput:
     def __init__(self, cfg: RunConfig, parts, device):
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.seq_len = cfg.data.seq_len
-        self.flops_per_token = flops_per_token(parts.model_config, parts.num_params, cfg.data.seq_len)
+        per_position = flops_per_token(
+            parts.model_config, parts.num_params, cfg.data.seq_len, trainable_params=parts.plan.trainable_params,
+            forward_only_layers=(parts.plan.num_blocks - cfg.finetune.train_last_blocks
+                                 if cfg.finetune.strategy == "frozen_head" else 0))
+        # A head that runs on the loss positions only costs its FLOPs there, not at every position:
+        # counted at every position, a chat SFT run's MFU came out above 1.
+        head = getattr(parts.task, "head_on_targets_only", lambda model: None)(parts.strategy.model)
+        self.head_flops_per_target = 0.0
+        if head is not None:
+            self.head_flops_per_target = head_flops_per_position(parts.model_config, head.weight.requires_grad)
+        self.flops_per_position = per_position - self.head_flops_per_target
         self.peak_flops = all_reduce_sum([peak_flops_per_rank(device, cfg.metrics.peak_tflops_per_rank)], device)[0]
         self.trained_steps = 0
 
@@ -204,10 +220,12 @@ class Throughput:
         self.run_start = self.window_start = time.perf_counter()
         self.paused_seconds = 0.0
         self.window_tokens = 0
+        self.window_flops = 0.0
 
-    def count_step(self) -> None:
+    def count_step(self, targets: float) -> None:
         self.trained_steps += 1
         self.window_tokens += self.tokens_per_step
+        self.window_flops += self.tokens_per_step * self.flops_per_position + targets * self.head_flops_per_target
 
     @contextmanager
     def paused(self):
@@ -221,12 +239,13 @@ class Throughput:
 
     def window(self) -> dict[str, float]:
         """Rates since the last call (the logging window), then start a new window."""
-        tokens_per_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
-        self.window_start, self.window_tokens = time.perf_counter(), 0
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        tokens_per_s, flops_per_s = self.window_tokens / seconds, self.window_flops / seconds
+        self.window_start, self.window_tokens, self.window_flops = time.perf_counter(), 0, 0.0
         return {
             "tokens_per_s": tokens_per_s,
             "samples_per_s": tokens_per_s / self.seq_len,
-            "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else 0.0,
+            "mfu": flops_per_s / self.peak_flops if self.peak_flops else 0.0,
         }
 
     def overall(self) -> float:

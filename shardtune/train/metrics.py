@@ -19,18 +19,36 @@ from shardtune.eval.trackers import ExternalTrackers, check_installed
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def flops_per_token(model_config, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weight matmuls plus the attention score/value matmuls.
+def flops_per_token(model_config, num_params: int, seq_len: int, trainable_params: int | None = None,
+                    forward_only_layers: int = 0) -> float:
+    """Training FLOPs per token: the weight matmuls plus the attention score/value matmuls.
 
-    The input embedding is a lookup, not a matmul, so its parameters are excluded from N.
+    A trained weight costs 6 FLOPs per token (forward, input gradient, weight gradient); a frozen
+    one 4 when gradients still flow through it to trained weights below (LoRA), 2 in the bottom
+    ``forward_only_layers`` that no gradient reaches (a frozen base under a task head). Counting
+    a LoRA run's frozen base at 6 made its MFU exceed 1. The input embedding is a lookup, not a
+    matmul, so its parameters are excluded; with tied embeddings the one shared matrix is also
+    the output projection.
     """
     hidden = getattr(model_config, "hidden_size", 0)
     layers = getattr(model_config, "num_hidden_layers", 0)
     vocab = getattr(model_config, "vocab_size", 0)
-    # With tied embeddings the one shared matrix is also the output projection, a real matmul.
     tied = getattr(model_config, "tie_word_embeddings", False)
-    dense = num_params if tied else num_params - vocab * hidden
-    return 6.0 * dense + 12.0 * layers * hidden * seq_len
+    lookup = 0 if tied else vocab * hidden
+    dense = num_params - lookup
+    frozen = 0 if trainable_params is None else num_params - trainable_params
+    # An untied lookup table that is frozen is part of ``frozen`` but no matmul either.
+    frozen_dense = max(0, min(dense, frozen - (lookup if frozen >= lookup else 0)))
+    frozen_cost = 2.0 if forward_only_layers else 4.0
+    forward_only = min(max(forward_only_layers, 0), layers)
+    attention = (12.0 * (layers - forward_only) + 4.0 * forward_only) * hidden * seq_len
+    return 6.0 * (dense - frozen_dense) + frozen_cost * frozen_dense + attention
+
+
+def head_flops_per_position(model_config, trained: bool) -> float:
+    """The output projection's share of ``flops_per_token``: 6 FLOPs per weight when it trains,
+    4 when frozen (only the input gradient flows back through it)."""
+    return (6.0 if trained else 4.0) * getattr(model_config, "vocab_size", 0) * getattr(model_config, "hidden_size", 0)
 
 
 def measure_cpu_matmul_flops(samples: int = 5, seconds: float = 0.15, size: int = 1024) -> float:

@@ -26,6 +26,7 @@ class StepResult:
     ranks_with_bad_loss: int
     ranks_with_bad_grads: int  # a rank's own gradient copy (a DDP replica) was non-finite
     stop_requested: bool  # some rank got a save-and-stop signal
+    targets: float = 0.0  # positions that carried a loss, all ranks together
 
     @property
     def nonfinite(self) -> str | None:
@@ -77,4 +78,5 @@ def train_step(step: int, micro_batches: list[dict], *, strategy, task, rank: in
         ranks_with_bad_loss=int(bad_loss_ranks),
         ranks_with_bad_grads=int(bad_grad_ranks),
         stop_requested=stop_ranks > 0,
+        targets=global_targets,
     )

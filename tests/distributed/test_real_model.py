@@ -81,7 +81,7 @@ def test_demo_beats_the_baseline_and_exports_answer_as_in_training(smollm2_dir, 
 
     cfg = load_config(DEMO)
     gen = cfg.eval.generate
-    run = run_real(tmp_path / "run", smollm2_dir, tickets, "train.max_steps=10", "eval.every=null",
+    run = run_real(tmp_path / "run", smollm2_dir, tickets, "train.max_steps=8", "eval.every=null",
                    "eval.test_at_end=false", "eval.save_best=false", "checkpoint.at_end=true",
                    "eval.generate.samples=16", "eval.generate.examples=8", "eval.generate.micro_batch_size=8",
                    nproc=2)

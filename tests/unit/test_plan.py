@@ -90,6 +90,24 @@ def test_flops_per_token_counts_a_tied_output_projection():
     assert flops_per_token(config, 100_000, 128) == 6 * (100_000 - 64_000) + attention
 
 
+def test_flops_per_token_charges_frozen_weights_no_weight_gradient():
+    from transformers import LlamaConfig
+
+    from shardtune.train.metrics import flops_per_token
+
+    config = LlamaConfig(hidden_size=64, vocab_size=1000, num_hidden_layers=2, tie_word_embeddings=True)
+    attention = 12 * 2 * 64 * 128
+    # LoRA: 2,000 adapter weights train; the 100,000 frozen ones still pass input gradients back.
+    assert flops_per_token(config, 102_000, 128, trainable_params=2_000) == 6 * 2_000 + 4 * 100_000 + attention
+    # A frozen base under a trained head: below the head nothing needs a backward pass at all.
+    frozen_base = flops_per_token(config, 100_000, 128, trainable_params=64_000, forward_only_layers=2)
+    assert frozen_base == 6 * 64_000 + 2 * 36_000 + 4 * 2 * 64 * 128
+    # Untied and frozen, the lookup table is still no matmul.
+    config.tie_word_embeddings = False
+    assert flops_per_token(config, 102_000, 128, trainable_params=2_000) == 6 * 2_000 + 4 * 36_000 + attention
+    assert flops_per_token(config, 100_000, 128, trainable_params=100_000) == flops_per_token(config, 100_000, 128)
+
+
 # "full" is left out: with every block reduced to its input, the estimate is dominated by
 # the logits term, which counts the logits' gradient too (a backward-time peak, not a tensor
 # forward saves), so the forward-saved bytes are ~25% below it by construction.

@@ -18,7 +18,8 @@ def meter(monkeypatch) -> tuple[Throughput, Clock]:
     clock = Clock()
     monkeypatch.setattr(loop.time, "perf_counter", clock)
     meter = Throughput.__new__(Throughput)  # the rate arithmetic only: no model, no collectives
-    meter.tokens_per_step, meter.seq_len, meter.flops_per_token, meter.peak_flops = 1000, 100, 0.0, 0.0
+    meter.tokens_per_step, meter.seq_len, meter.peak_flops = 1000, 100, 1e6
+    meter.flops_per_position, meter.head_flops_per_target = 100.0, 50.0
     meter.trained_steps = 0
     meter.start()
     return meter, clock
@@ -28,10 +29,13 @@ def test_paused_time_is_left_out_of_window_and_overall(monkeypatch):
     m, clock = meter(monkeypatch)
     for _ in range(4):  # 4 steps of 0.5 s, each followed by a 2 s save or evaluation
         clock.now += 0.5
-        m.count_step()
+        m.count_step(targets=10)
         with m.paused():
             clock.now += 2.0
-    assert m.window()["tokens_per_s"] == 2000.0
+    rates = m.window()
+    assert rates["tokens_per_s"] == 2000.0
+    # 1000 positions x 100 FLOPs + 10 loss targets x 50 head FLOPs, per 0.5 s of training, over 1e6.
+    assert rates["mfu"] == (1000 * 100 + 10 * 50) / 0.5 / 1e6
     assert m.overall() == 2000.0
     assert m.wall_seconds() == 10.0
 
@@ -39,5 +43,5 @@ def test_paused_time_is_left_out_of_window_and_overall(monkeypatch):
 def test_without_pauses_every_second_counts(monkeypatch):
     m, clock = meter(monkeypatch)
     clock.now += 4.0
-    m.count_step()
+    m.count_step(targets=0)
     assert m.overall() == 250.0
