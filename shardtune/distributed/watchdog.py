@@ -5,8 +5,13 @@ reached the per-step synchronisation (``mark_progress``). When a collective fail
 survivor publishes that step in the rendezvous store once, waits briefly for the others'
 reports, and names the ranks that did not report or are behind, instead of gloo's "Timed
 out waiting 60000ms for recv operation". A rank dying of any other exception reports that
-(``report_crash``): the survivors name it and its exception without waiting for it. At 1,000 ranks a per-step write would have been
-1,000 store requests per step to rank 0's store; now the store sees traffic only on failure.
+(``report_crash``): the survivors name it and its exception without waiting for it. At 1,000
+ranks a per-step write would have been 1,000 store requests per step to rank 0's store; now
+the store sees traffic only on failure.
+
+The wait for the others' reports also ends when the caller says the process was asked to stop
+(``interrupted``): a launcher that saw a rank die SIGTERMs the survivors, and every second
+spent waiting for a report that cannot come delays its restart (10 s per lost rank, measured).
 
 Why a silent rank's last synchronised step is known without its report: survivors at step
 ``s`` passed the all-reduce of step ``s - 1``, which needed every rank, so every rank reached
@@ -18,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from shardtune.errors import CollectiveTimeoutError
@@ -67,10 +73,12 @@ def report_crash(rank: int, error: BaseException) -> None:
         pass
 
 
-def report_and_read_progress(rank: int, world_size: int, grace_s: float) -> dict[int, tuple[int | None, str | None]]:
-    """Publish this rank's step, wait up to ``grace_s`` for every rank's, return what arrived:
-    (last synchronised step or None, the exception it died of where it reported a crash).
-    Empty when the store cannot be reached at all."""
+def report_and_read_progress(
+    rank: int, world_size: int, grace_s: float, interrupted: Callable[[], bool] | None = None,
+) -> dict[int, tuple[int | None, str | None]]:
+    """Publish this rank's step, wait up to ``grace_s`` for every rank's (less if ``interrupted()``
+    turns true), return what arrived: (last synchronised step or None, the exception it died of
+    where it reported a crash). Empty when the store cannot be reached at all."""
     store = _store()
     if store is None:
         return {}
@@ -86,7 +94,7 @@ def report_and_read_progress(rank: int, world_size: int, grace_s: float) -> dict
             present = [store.check([k]) for k in keys]
         except (RuntimeError, ValueError):
             return {}
-        if all(present) or time.monotonic() >= deadline:
+        if all(present) or time.monotonic() >= deadline or (interrupted is not None and interrupted()):
             break
         time.sleep(0.2)
     progress: dict[int, tuple[int | None, str | None]] = {}
@@ -101,13 +109,15 @@ def report_and_read_progress(rank: int, world_size: int, grace_s: float) -> dict
 
 
 def explain_collective_failure(
-    error: BaseException, rank: int, world_size: int, timeout_s: float
+    error: BaseException, rank: int, world_size: int, timeout_s: float,
+    interrupted: Callable[[], bool] | None = None,
 ) -> CollectiveTimeoutError | None:
     """A clearer error if ``error`` is a timed-out collective or a lost peer, else None."""
     if not _FAILURE.search(str(error)):
         return None
     # Survivors time out within moments of each other (they entered the collective together).
-    progress = report_and_read_progress(rank, world_size, grace_s=min(10.0, max(2.0, timeout_s / 4)))
+    progress = report_and_read_progress(rank, world_size, grace_s=min(10.0, max(2.0, timeout_s / 4)),
+                                        interrupted=interrupted)
     steps = {r: step for r, (step, _) in progress.items()}
     crashes = {r: crash for r, (_, crash) in progress.items() if crash}
     reached = [s for s in steps.values() if s is not None]

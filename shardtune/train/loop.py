@@ -32,7 +32,7 @@ from shardtune.train.metrics import (
     peak_flops_per_rank,
     peak_memory_mib,
 )
-from shardtune.train.signals import StopRequest
+from shardtune.train.signals import StopRequest, stop_received
 from shardtune.train.step import train_step
 
 
@@ -73,7 +73,9 @@ def train(cfg: RunConfig) -> TrainResult:
         clean = True
     except RuntimeError as exc:
         # A timed-out or broken collective: name the rank(s) that fell behind.
-        clearer = explain_collective_failure(exc, ctx.rank, ctx.world_size, cfg.distributed.collective_timeout_s)
+        # A stop signal now is the launcher tearing the group down: name what is known, at once.
+        clearer = explain_collective_failure(exc, ctx.rank, ctx.world_size, cfg.distributed.collective_timeout_s,
+                                             interrupted=stop_received)
         if clearer is None:
             report_crash(ctx.rank, exc)
             raise

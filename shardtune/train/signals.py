@@ -16,6 +16,14 @@ import signal
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+_received: str | None = None  # the first stop signal this process got, whichever StopRequest took it
+
+
+def stop_received() -> bool:
+    """Whether a stop signal reached this process (also after its StopRequest is gone)."""
+    return _received is not None
+
+
 class StopRequest:
     def __init__(self, enabled: bool):
         self.signal_name: str | None = None
@@ -25,7 +33,9 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        global _received
         self.signal_name = signal.Signals(signum).name
+        _received = _received or self.signal_name
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C aborts at once
 

@@ -61,3 +61,35 @@ def test_a_crashed_rank_is_named_with_its_exception_without_waiting(monkeypatch)
         RuntimeError("Connection closed by peer [127.0.0.1]:1234"), rank=0, world_size=2, timeout_s=60)
     assert time.monotonic() - start < 2  # every report is there: no grace to wait out (10 s here)
     assert "suspect: rank 1 died of ValueError after synchronising step 3" in str(error)
+
+
+def test_a_stop_signal_ends_the_wait_for_reports_that_cannot_come(monkeypatch):
+    """torchrun SIGTERMs the survivors of a lost rank: they name it at once, not after the grace."""
+    import os
+    import signal
+    import time
+
+    from shardtune.train import signals
+
+    store = dist.HashStore()
+    monkeypatch.setattr(watchdog, "_store", lambda: store)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.setattr(signals, "_received", None)
+    watchdog.mark_progress(0, 5)
+    stop = signals.StopRequest(enabled=True)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's teardown; rank 1 was SIGKILLed: silent
+        start = time.monotonic()
+        error = watchdog.explain_collective_failure(
+            RuntimeError("Connection closed by peer [127.0.0.1]:1234"), rank=0, world_size=2, timeout_s=60,
+            interrupted=signals.stop_received)
+        waited = time.monotonic() - start
+    finally:
+        stop.restore()
+    assert waited < 2, waited  # the grace at timeout 60 s is 10 s
+    assert "suspect: rank 1 (last synchronised at step 4, others at 5) sent no report" in str(error)
+    # Without a signal the same failure waits its grace for rank 1's report.
+    monkeypatch.setattr(signals, "_received", None)
+    start = time.monotonic()
+    watchdog.explain_collective_failure(TIMEOUT, rank=0, world_size=2, timeout_s=8, interrupted=signals.stop_received)
+    assert time.monotonic() - start >= 2  # grace: timeout / 4 = 2 s
