@@ -39,7 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     except ShardtuneError as exc:
         code, line = exit_code_for(exc)
         print(line, file=sys.stderr)
+        _keep_until_exit(exc)
         return code
+
+
+_last_failure: BaseException | None = None
+
+
+def _keep_until_exit(exc: BaseException) -> None:
+    """Keep a failed command's traceback, and so every object its frames hold, alive.
+
+    A failed run's model, its DDP reducer and the gloo process group are reachable only from
+    the traceback. Freed when the ``except`` block ends, the group's destructor runs with the
+    GIL held and can deadlock with gloo's worker thread, which needs the GIL to free the
+    tensors of a collective it just finished (seen once: a 1-rank run refusing a corrupt
+    resume hung at exit, stuck in ``~ProcessGroupGloo``). ``entry`` exits without teardown
+    right after, so nothing is freed at all; in-process callers hold one failure at most.
+    """
+    global _last_failure
+    _last_failure = exc
 
 
 def entry() -> None:
@@ -51,11 +69,21 @@ def entry() -> None:
     rank and the launcher, and gloo's destructors sometimes abort in it ("terminate called
     without an active exception"). What a clean exit owes is still done: non-daemon threads
     are stopped and joined, atexit handlers run (trackers, logging, multiprocessing children) and the
-    standard streams are flushed. An exception still takes the ordinary path, traceback included.
+    standard streams are flushed. An uncaught exception is printed as the interpreter prints it
+    and exits 1, also without teardown: its traceback holds the failed run's objects, whose
+    freeing can deadlock in gloo (``_keep_until_exit``). Ctrl-C and ``SystemExit`` (argparse's
+    usage errors) take the interpreter's ordinary path.
     """
     import os
 
-    code = main()
+    try:
+        code = main()
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        release_process()
+        os._exit(1)
     release_process()
     os._exit(code if isinstance(code, int) else 0)
 
