@@ -93,8 +93,9 @@ warm: $(MODEL_STAMP)
 
 # Two pytest workers (pytest-xdist): most tests wait on process start-up, rendezvous and
 # timeouts, so a second one fills the idle core (23-25 min -> ~18 on 2 cores; ~15 since
-# `shardtune launch` forks its workers). Each test file stays whole on one worker; the longest
-# files go first (tests/conftest.py). A third worker was slower on 2 cores (over 16 min).
+# `shardtune launch` forks its workers; 12-13 since survivors of a killed rank stop waiting
+# for its report on the launcher's SIGTERM). Each test file stays whole on one worker; the
+# longest files go first (tests/conftest.py). A third worker was slower on 2 cores (over 16 min).
 TEST_WORKERS ?= 2
 test: warm
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
