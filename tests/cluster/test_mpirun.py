@@ -119,7 +119,7 @@ def test_mpirun_with_an_unreachable_rendezvous_names_the_rank_and_host(cluster, 
             _ip("-n", ns, "addr", "add", f"10.214.0.{i + 1}/24", "dev", "eth1")
             _ip("-n", ns, "link", "set", "eth1", "up")
         _ip("-n", _netns(cluster, 1), "route", "add", "unreachable", "10.214.0.1/32")
-        init_timeout = 20
+        init_timeout = 8  # the probe retries an unreachable route until then: short keeps the test short
         proc, seconds = _launch_mpirun(cluster, tmp_path / "run", "distributed.rendezvous_interface=eth1",
                                        f"distributed.init_timeout_s={init_timeout}")
     finally:
