@@ -395,12 +395,20 @@ class Checkpointer:
             unsafe = isinstance(exc, UnsafeCheckpointError) or "UnsafeCheckpointError" in str(exc)
             error = (f"rank {self.ctx.rank}: {exc if isinstance(exc, CHECKPOINT_ERRORS) else _describe_error(exc)}",
                      unsafe)
-        errors = [None] * self.ctx.world_size
-        dist.all_gather_object(errors, error, group=self.io_group)
-        failed = [e for e in errors if e]
-        if failed:
-            message = failed[0][0] + (f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else "")
-            raise (UnsafeCheckpointError if failed[0][1] else CheckpointError)(message)
+        # Gathered to rank 0 and its verdict broadcast: O(world) in all, where an all-gather of
+        # every rank's error to every rank would move O(world^2) objects at 1,000 ranks.
+        errors = [None] * self.ctx.world_size if self.ctx.is_main else None
+        dist.gather_object(error, errors, dst=0, group=self.io_group)
+        verdict = [None]
+        if self.ctx.is_main:
+            failed = [e for e in errors if e]
+            if failed:
+                more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+                verdict[0] = (failed[0][0] + more, failed[0][1])
+        dist.broadcast_object_list(verdict, src=0, group=self.io_group)
+        if verdict[0] is not None:
+            message, unsafe = verdict[0]
+            raise (UnsafeCheckpointError if unsafe else CheckpointError)(message)
         return result
 
     def close(self) -> None:
