@@ -26,15 +26,13 @@ import json
 import sys
 from pathlib import Path
 
+from shardtune.plan import Architecture
+
 
 def model_shapes(model_dir: Path) -> dict:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    d, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or d // heads
-    kv = cfg.get("num_key_value_heads") or heads
-    per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * cfg["intermediate_size"]
-    return {"trunk_parameters": layers * per_layer, "head_parameters": cfg["vocab_size"] * d,
-            "layers": layers, "attention_width": heads * head_dim}
+    arch = Architecture.from_mapping(json.loads((Path(model_dir) / "config.json").read_text()))
+    return {"trunk_parameters": arch.layers * arch.block_params, "head_parameters": arch.vocab * arch.hidden,
+            "layers": arch.layers, "attention_width": arch.hidden}
 
 
 def _context(row: dict, world_size: int) -> float:
